@@ -1,0 +1,45 @@
+# plantbus: `make demo` to see it run, `make test` to run the whole suite (what CI runs).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-quick bench lint check-config clean install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# strict editable installs map files, not folders: reinstall when a package folder changes
+$(STAMP): $(PY) pyproject.toml broker broker/sinks connectors connectors/sim codecs
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=strict
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/plantbus demo $(DEMO_ARGS)
+
+# Everything the tests need (Debian packages for the real servers, Python packages),
+# then the whole suite. The servers are started once per test session by the tests.
+test: $(STAMP)
+	./scripts/install-test-deps.sh
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# Quick iteration: unit and golden tests only, no servers.
+test-quick: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider tests/unit tests/golden -q -x $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	./scripts/install-test-deps.sh
+	$(PY) -m bench $(BENCH_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+check-config: $(STAMP)
+	$(VENV)/bin/plantbus check -c config/plantbus.toml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis var

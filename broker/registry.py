@@ -1,0 +1,36 @@
+"""Kind name -> module path, for devices and sinks. Modules are imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["DEVICE_KINDS", "SINK_KINDS", "load_device_module", "load_sink_module"]
+
+DEVICE_KINDS: dict[str, str] = {
+    "sim": "plantbus.connectors.sim",
+}
+
+SINK_KINDS: dict[str, str] = {
+    "influxdb": "plantbus.broker.sinks.influxdb",
+    "file": "plantbus.broker.sinks.file",
+}
+
+
+def _load(table: dict[str, str], kind: str, what: str) -> ModuleType:
+    try:
+        path = table[kind]
+    except KeyError:
+        known = ", ".join(sorted(table))
+        raise KeyError(f"unknown {what} kind {kind!r} (known: {known})") from None
+    return importlib.import_module(path)
+
+
+def load_device_module(kind: str) -> ModuleType:
+    """The module of device kind ``kind``: it has ``Config`` and ``build(config, ctx)``."""
+    return _load(DEVICE_KINDS, kind, "device")
+
+
+def load_sink_module(kind: str) -> ModuleType:
+    """The module of sink kind ``kind``: it has ``Config`` and ``build(config, ctx)``."""
+    return _load(SINK_KINDS, kind, "sink")

@@ -1,0 +1,90 @@
+"""The sink contract: connect, write one encoded batch (or raise), close. Sinks never buffer.
+
+A sink module (``plantbus.broker.sinks.<kind>``) exposes ``Config`` (a ``SinkConfig``
+subclass) and ``build(config, ctx) -> Sink``. The Outlet in front of it owns batching,
+encoding, buffering, retries and metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import Field
+
+from plantbus.broker.configtypes import BufferConfig, Duration, QueueConfig, Size, StrictModel
+
+__all__ = [
+    "EncodedBatch",
+    "PermanentSinkError",
+    "RetryableSinkError",
+    "Sink",
+    "SinkConfig",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """One encoded batch, shared by every sink of an outlet group.
+
+    Attributes:
+        payload: the encoded bytes (e.g. newline-separated line protocol).
+        records: records in the batch (for counting; records dropped by the codec excluded).
+        codec: the codec name that produced ``payload``.
+        seq: the outlet's sequence number, increasing, for ordering and logs.
+        first_id / last_id: the record IDs at the ends of the batch.
+    """
+
+    payload: bytes
+    records: int
+    codec: str
+    seq: int = 0
+    first_id: str = ""
+    last_id: str = ""
+
+
+class RetryableSinkError(Exception):
+    """The upstream could not take the batch now (connection, timeout, 5xx, 429): retry it.
+
+    Args:
+        retry_after: seconds the upstream asked us to wait (e.g. a Retry-After header).
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentSinkError(Exception):
+    """The upstream refused the batch itself (e.g. HTTP 400): retrying cannot help.
+
+    The outlet counts and logs the batch as rejected and moves on.
+    """
+
+
+class Sink(Protocol):
+    name: str
+    codec: str  # which codec's payload this sink writes, e.g. "line_protocol"
+
+    async def connect(self) -> None: ...
+
+    async def write(self, batch: EncodedBatch) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SinkConfig(StrictModel):
+    """Keys common to every sink: what it subscribes to and how its outlet batches."""
+
+    name: str = ""  # default: "<kind>" or "<kind>-<index>"
+    subscribe: list[str] = Field(default_factory=lambda: ["#"], min_length=1)
+    codec: Literal["line_protocol", "json"] = "line_protocol"
+    batch_size: int = Field(default=5000, ge=1)  # records
+    batch_bytes: Size = 4 * 1024 * 1024  # flush before a batch's payload would pass this
+    flush_interval: Duration = 1.0  # linger: the longest a record waits for its batch
+    queue: QueueConfig = QueueConfig()
+    buffer: BufferConfig = BufferConfig()
+    retry_initial: Duration = 0.1
+    retry_max: Duration = 30.0
+    timeout: Duration = 10.0
+    enabled: bool = True

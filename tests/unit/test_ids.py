@@ -1,0 +1,50 @@
+"""UUIDv7 record IDs: unique, strictly increasing, RFC 9562 bits, parseable."""
+
+import time
+import uuid
+
+from plantbus.broker import ids
+
+
+def test_million_ids_unique_and_strictly_increasing():
+    out = [ids.new_id() for _ in range(500_000)] + ids.new_ids(500_000)
+    assert len(out) == 1_000_000
+    assert all(a < b for a, b in zip(out, out[1:], strict=False))  # implies unique
+    assert len(set(out)) == len(out)
+
+
+def test_version_variant_and_parse():
+    for uid in ids.new_ids(1000) + [ids.new_id()]:
+        u = uuid.UUID(uid)
+        assert str(u) == uid
+        assert u.version == 7
+        assert u.variant == uuid.RFC_4122
+        assert len(uid) == 36
+
+
+def test_embedded_time_is_now():
+    before = time.time_ns() // 1_000_000
+    uid = ids.new_id()
+    after = time.time_ns() // 1_000_000
+    assert before <= ids.id_time_ms(uid) <= after + 1
+
+
+def test_clock_stepping_back_keeps_order(monkeypatch):
+    now = [time.time_ns()]
+    monkeypatch.setattr(ids, "_time_ns", lambda: now[0])
+    a = ids.new_id()
+    now[0] -= 5_000_000_000  # the wall clock steps back 5 s
+    b = ids.new_id()
+    c = ids.new_ids(10)
+    assert a < b < c[0]
+
+
+def test_counter_overflow_borrows_next_millisecond(monkeypatch):
+    frozen = time.time_ns()
+    monkeypatch.setattr(ids, "_time_ns", lambda: frozen)
+    first = ids.new_id()
+    monkeypatch.setattr(ids, "_counter", ids._COUNTER_MAX - 2)
+    batch = ids.new_ids(5)
+    assert first < batch[0]
+    assert all(a < b for a, b in zip(batch, batch[1:], strict=False))
+    assert ids.id_time_ms(batch[-1]) == frozen // 1_000_000 + 1
