@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 
-__all__ = ["new_id", "new_ids", "id_time_ms"]
+__all__ = ["id_time_ms", "new_id", "new_ids"]
 
 _COUNTER_MAX = (1 << 26) - 1
 _rng = random.Random()  # seeded from os.urandom; getrandbits is ~5x cheaper than secrets

@@ -93,7 +93,7 @@ class Record:
         series: Series,
         fields: dict[str, FieldValue],
         time_ns: int,
-        id: str,  # noqa: A002 - the contract calls it id
+        id: str,
         quality: Quality = Quality.GOOD,
         status: dict[str, int] | None = None,
     ):

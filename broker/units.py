@@ -52,7 +52,8 @@ def parse_size(text: str | int) -> int:
     m = _SIZE.match(text)
     if not m or m.group(2) not in _SIZE_UNITS:
         raise ValueError(
-            f"invalid size {text!r}: use a number with B, kB, MB, GB, KiB, MiB or GiB, e.g. \"512MiB\""
+            f"invalid size {text!r}: use a number with B, kB, MB, GB, KiB, MiB or GiB, "
+            "e.g. \"512MiB\""
         )
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 

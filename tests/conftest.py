@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/servers.py, tests/faults.py
 
-from servers import InfluxServer  # noqa: E402
+from servers import InfluxServer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -2,6 +2,7 @@
 
 import time
 import uuid
+from itertools import pairwise
 
 from plantbus.broker import ids
 
@@ -9,12 +10,12 @@ from plantbus.broker import ids
 def test_million_ids_unique_and_strictly_increasing():
     out = [ids.new_id() for _ in range(500_000)] + ids.new_ids(500_000)
     assert len(out) == 1_000_000
-    assert all(a < b for a, b in zip(out, out[1:], strict=False))  # implies unique
+    assert all(a < b for a, b in pairwise(out))  # implies unique
     assert len(set(out)) == len(out)
 
 
 def test_version_variant_and_parse():
-    for uid in ids.new_ids(1000) + [ids.new_id()]:
+    for uid in [*ids.new_ids(1000), ids.new_id()]:
         u = uuid.UUID(uid)
         assert str(u) == uid
         assert u.version == 7
@@ -46,5 +47,5 @@ def test_counter_overflow_borrows_next_millisecond(monkeypatch):
     monkeypatch.setattr(ids, "_counter", ids._COUNTER_MAX - 2)
     batch = ids.new_ids(5)
     assert first < batch[0]
-    assert all(a < b for a, b in zip(batch, batch[1:], strict=False))
+    assert all(a < b for a, b in pairwise(batch))
     assert ids.id_time_ms(batch[-1]) == frozen // 1_000_000 + 1
