@@ -1,0 +1,623 @@
+"""The Outlet: from a bus subscription to one or more sinks, with batching, retry and metrics.
+
+One outlet serves a group of sinks that share subscription filters, codec and batch settings
+(see ``group_sinks``), so their records are read and encoded once and every sink of the group
+gets the same ``EncodedBatch`` (InfluxDB + Kapacitor). Per sink it keeps a buffer and a sender
+task::
+
+    Subscription --batch by count / bytes / linger--> encode once --+--> buffer -> sender -> sink
+                                                                    +--> buffer -> sender -> sink
+
+A sender writes one batch at a time and acknowledges it before it takes the next, so each
+sink gets its batches in order. Retryable failures (``RetryableSinkError``, connection errors,
+timeouts) are retried with jittered, capped exponential backoff, honouring ``retry_after``; a
+``PermanentSinkError`` counts the batch as rejected and moves on. Sinks are connected by the
+outlet, retried with the same backoff, so a sink that is down at start-up just waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from plantbus.broker.backoff import Backoff
+from plantbus.broker.buffer import Buffer, MemoryBuffer
+from plantbus.broker.bus import Bus
+from plantbus.broker.ids import id_time_ms
+from plantbus.broker.record import Record
+from plantbus.broker.sinks.base import (
+    EncodedBatch,
+    PermanentSinkError,
+    RetryableSinkError,
+    Sink,
+    SinkConfig,
+)
+
+__all__ = ["Outlet", "SinkChannel", "group_key", "group_sinks", "make_buffer"]
+
+log = logging.getLogger(__name__)
+
+_FIRST_LINE_ESTIMATE = 256.0
+"""Bytes per record assumed until a batch has been measured (then the measured average)."""
+
+_LATENCY_SAMPLES = 1024
+_MIN_RETRY = 0.001  # seconds: the shortest first retry delay
+_CLOSE_TIMEOUT = 5.0  # seconds a sink may take to close at stop
+_INVALID_LOG_INTERVAL = 60.0  # seconds between warnings about records the codec refused
+
+
+BufferFactory = Callable[[SinkConfig, str], Buffer]
+
+
+def make_buffer(config: SinkConfig, name: str) -> Buffer:
+    """The buffer a sink's ``buffer = {...}`` table asks for.
+
+    Raises:
+        ValueError: for a buffer kind this build cannot provide.
+    """
+    b = config.buffer
+    if b.kind == "memory":
+        return MemoryBuffer(b.max_size, b.when_full, name=name)
+    raise ValueError(f"sink {name!r}: buffer kind {b.kind!r} is not available in this build")
+
+
+def group_key(config: SinkConfig) -> Hashable:
+    """What sinks must share to be served by one outlet (one subscription, one encoding)."""
+    return (
+        tuple(sorted(set(config.subscribe))),
+        config.codec,
+        config.batch_size,
+        config.batch_bytes,
+        config.flush_interval,
+        config.queue,
+        getattr(config, "uid_field", "uid"),
+    )
+
+
+def group_sinks(
+    entries: Sequence[tuple[SinkConfig, Sink]],
+) -> list[list[tuple[SinkConfig, Sink]]]:
+    """Group sinks that can share one outlet; groups and their members keep config order.
+
+    Sinks share an outlet when they have the same subscribe filters (as a set), codec,
+    ``batch_size``, ``batch_bytes``, ``flush_interval``, ``queue`` and ``uid_field``.
+    Buffers, retries and timeouts stay per sink.
+    """
+    groups: dict[Hashable, list[tuple[SinkConfig, Sink]]] = {}
+    for config, sink in entries:
+        groups.setdefault(group_key(config), []).append((config, sink))
+    return list(groups.values())
+
+
+class _Codec:
+    """A codec module bound to its options.
+
+    ``encode(records)`` returns the payload, the number of records written into it and the
+    codec's ``EncodeStats`` (records it left out are counted there, never raised).
+    """
+
+    def __init__(self, name: str, uid_field: str):
+        self.name = name
+        self._module = importlib.import_module(f"plantbus.codecs.{name}")
+        stats_type = getattr(self._module, "EncodeStats", None)
+        if stats_type is None:
+            stats_type = importlib.import_module("plantbus.codecs.line_protocol").EncodeStats
+        self._stats_type = stats_type
+        self._uid_field = uid_field
+
+    def encode(self, records: list[Record]) -> tuple[bytes, int, Any]:
+        stats = self._stats_type()
+        if self.name == "line_protocol":
+            payload = self._module.encode(records, stats, uid_field=self._uid_field)
+        else:
+            payload = self._module.encode(records, stats)
+        if not payload:
+            return b"", 0, stats
+        written = int(getattr(stats, "lines", 0))
+        if not written:
+            # a codec without a line count (one JSON array per batch): what it did not drop
+            left_out = int(getattr(stats, "invalid", 0)) + int(getattr(stats, "empty", 0))
+            written = len(records) - left_out
+        return payload, written, stats
+
+
+class SinkChannel:
+    """One sink behind an outlet: its buffer, backoff, state and counters.
+
+    Attributes:
+        records_out / batches_out / bytes_out: acknowledged by the sink.
+        retries: failed attempts (writes and connects) that were retried.
+        rejected / rejected_records: batches the sink refused for good, and their records.
+        undelivered_records: held in the buffer when the outlet stopped.
+        last_error: the most recent failure, for status pages ("" when none yet).
+        connected: the sink's ``connect()`` succeeded.
+        failing: the latest attempt failed (cleared by the next success).
+    """
+
+    def __init__(self, config: SinkConfig, sink: Sink, buffer: Buffer, name: str):
+        self.config = config
+        self.sink = sink
+        self.buffer = buffer
+        self.name = name
+        # "0s" in config means "retry at once"; a floor keeps a dead upstream from a busy loop
+        initial = max(config.retry_initial, _MIN_RETRY)
+        self.backoff = Backoff(initial, max(config.retry_max, initial))
+        self.connected = False
+        self.failing = False
+        self.records_out = 0
+        self.batches_out = 0
+        self.bytes_out = 0
+        self.retries = 0
+        self.rejected = 0
+        self.rejected_records = 0
+        self.undelivered_records = 0
+        self.incoming = 0  # records of a batch not yet appended to this buffer
+        self.last_error = ""
+        self.last_error_time = 0.0
+        # seconds from record ID stamping (read time) to acknowledgement, of each batch's oldest
+        self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+
+    def metrics(self) -> dict[str, float | int]:
+        m: dict[str, float | int] = {
+            "records_out": self.records_out,
+            "batches_out": self.batches_out,
+            "bytes_out": self.bytes_out,
+            "retries": self.retries,
+            "rejected": self.rejected,
+            "rejected_records": self.rejected_records,
+            "dropped": self.buffer.dropped_records,
+            "dropped_batches": self.buffer.dropped_batches,
+            "buffer_records": self.buffer.records,
+            "buffer_bytes": self.buffer.bytes,
+            "buffer_batches": len(self.buffer),
+            "undelivered": self.undelivered_records,
+            "connected": int(self.connected),
+            "failing": int(self.failing),
+        }
+        m.update(_latency_summary(self.latencies))
+        return m
+
+
+def _latency_summary(samples: Sequence[float] | deque[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    s = sorted(samples)
+    n = len(s)
+    return {
+        "latency_p50": s[n // 2],
+        "latency_p99": s[min(n - 1, (n * 99) // 100)],
+        "latency_max": s[-1],
+    }
+
+
+class Outlet:
+    """Reads a subscription, batches and encodes once, and delivers to each sink of a group.
+
+    Args:
+        name: for logs, metrics and the subscription.
+        bus: the bus to subscribe on (the subscription starts at construction, so nothing
+            published between building and running the outlet is missed).
+        sinks: the group (see ``group_sinks``); batch settings come from the first config.
+        codec: codec name; default: the configs' ``codec``.
+        buffer_factory: builds each sink's buffer (default ``make_buffer``).
+
+    Attributes:
+        records_in: records taken from the subscription.
+        records_encoded: lines/records the codec wrote; ``encode_*``: what it left out.
+        batches / bytes_encoded: encoded batches handed to the buffers.
+        channels: one ``SinkChannel`` per sink, with that sink's counters.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bus: Bus,
+        sinks: Sequence[tuple[SinkConfig, Sink]],
+        *,
+        codec: str | None = None,
+        buffer_factory: BufferFactory | None = None,
+    ):
+        if not sinks:
+            raise ValueError(f"outlet {name!r} has no sinks")
+        config = sinks[0][0]
+        key = group_key(config)
+        for other, _ in sinks[1:]:
+            if group_key(other) != key:
+                raise ValueError(
+                    f"outlet {name!r}: sinks differ in subscription, codec or batch settings; "
+                    "group them with group_sinks()"
+                )
+        self.name = name
+        self.config = config
+        self.codec_name = codec or config.codec
+        self._codec = _Codec(self.codec_name, getattr(config, "uid_field", "uid"))
+        factory = buffer_factory or make_buffer
+        self.channels: list[SinkChannel] = []
+        for i, (cfg, sink) in enumerate(sinks):
+            sink_name = getattr(sink, "name", "") or cfg.name or f"{name}[{i}]"
+            self.channels.append(SinkChannel(cfg, sink, factory(cfg, sink_name), sink_name))
+        self._sub = bus.subscribe(
+            config.subscribe, size=config.queue.size, policy=config.queue.policy, name=name
+        )
+        self._pending: list[Record] = []
+        self._line_estimate = _FIRST_LINE_ESTIMATE
+        self._seq = 0
+        self._main: asyncio.Task[None] | None = None  # supervises the batcher and senders
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.records_in = 0
+        self.records_encoded = 0
+        self.batches = 0
+        self.bytes_encoded = 0
+        self.encode_non_finite = 0
+        self.encode_empty = 0
+        self.encode_invalid = 0
+        self.encode_seconds = 0.0
+        self._invalid_logged = -_INVALID_LOG_INTERVAL
+        self.undelivered_records = 0
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Batch, encode and deliver until ``stop()`` has drained (or given up on) the outlet.
+
+        Raises only on bugs; a supervisor may call it again after one (in-flight batches are
+        then sent again). Cancelling it cancels the outlet's tasks; buffers keep their batches.
+        """
+        if self._stopped.is_set():
+            return
+        if self._main is None or (self._main.done() and not self._stopping):
+            self._start()
+        main = self._main
+        assert main is not None
+        try:
+            await asyncio.wait({main})
+        except asyncio.CancelledError:
+            main.cancel()
+            await asyncio.wait({main})
+            raise
+        if not main.cancelled() and (error := main.exception()) is not None:
+            raise error
+        # cancelled by stop() giving up on a sink: that is a normal end of run()
+
+    def _start(self) -> None:
+        for ch in self.channels:
+            ch.buffer.rewind()
+        self._main = asyncio.create_task(self._supervise(), name=f"outlet:{self.name}")
+
+    async def _supervise(self) -> None:
+        tasks = [asyncio.create_task(self._batch_loop(), name=f"{self.name}:batch")]
+        tasks += [
+            asyncio.create_task(self._send_loop(ch), name=f"{self.name}:{ch.name}")
+            for ch in self.channels
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if not t.cancelled() and (error := t.exception()) is not None:
+                    raise error
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain budget, not a cancel scope
+        """Stop taking from the bus, deliver what is queued and buffered, then close the sinks.
+
+        Works whether or not ``run()`` is running (records queued before it are delivered
+        too). Whatever is not delivered within ``timeout`` seconds stays in the buffers (a
+        disk buffer keeps it for the next start), counted as ``undelivered`` and logged.
+        """
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._sub.close()
+        try:
+            if self._main is None or self._main.done():
+                self._start()  # drain with the same machinery even if run() never ran
+            main = self._main
+            assert main is not None
+            await asyncio.wait({main}, timeout=max(timeout, 0.0))
+            if not main.done():
+                main.cancel()
+                await asyncio.wait({main})
+            elif not main.cancelled() and (error := main.exception()) is not None:
+                log.error("outlet %s failed while stopping: %s", self.name, _describe(error))
+            self._account_undelivered(timeout)
+            for ch in self.channels:
+                await ch.buffer.close()
+            await asyncio.gather(*(self._close_sink(ch) for ch in self.channels))
+        finally:
+            self._stopped.set()
+
+    def _account_undelivered(self, timeout: float) -> None:
+        unbuffered = len(self._sub) + len(self._pending)
+        self.undelivered_records = unbuffered
+        for ch in self.channels:
+            unbuffered_here = unbuffered + ch.incoming
+            ch.undelivered_records = ch.buffer.records + unbuffered_here
+            if ch.undelivered_records:
+                log.warning(
+                    "outlet %s: sink %s: %d records in %d batches not delivered within %.1fs "
+                    "of stopping (%d more never encoded); last error: %s",
+                    self.name,
+                    ch.name,
+                    ch.buffer.records,
+                    len(ch.buffer),
+                    timeout,
+                    unbuffered_here,
+                    ch.last_error or "none",
+                )
+
+    async def _close_sink(self, ch: SinkChannel) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await ch.sink.close()
+        except Exception as e:  # closing is best effort; the process moves on
+            log.warning("outlet %s: closing sink %s failed: %s", self.name, ch.name, _describe(e))
+        ch.connected = False
+
+    # -- batching ----------------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        """Records per batch: ``batch_size``, or fewer if the bytes estimate says so."""
+        by_bytes = int(self.config.batch_bytes / self._line_estimate)
+        return max(1, min(self.config.batch_size, by_bytes))
+
+    async def _batch_loop(self) -> None:
+        sub = self._sub
+        linger = self.config.flush_interval
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                first = await sub.get(self._limit())
+                if not first:
+                    break  # closed and drained
+                self.records_in += len(first)
+                self._pending = list(first)  # the bus shares its lists: never mutate them
+            limit = self._limit()
+            # one timeout per batch (not per wake-up): the deadline is the first record's
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(loop.time() + linger):
+                    while len(self._pending) < limit:
+                        more = sub.get_nowait(limit - len(self._pending))
+                        if more:
+                            self.records_in += len(more)
+                            self._pending.extend(more)
+                        elif sub.closed:
+                            break  # stopping: no linger
+                        else:
+                            await sub.wait_readable()
+            await self._flush()
+        await self._flush()
+        # only a drained, closed subscription ends the senders; a crash leaves buffers open
+        # for the supervisor's next run()
+        for ch in self.channels:
+            ch.buffer.seal()
+
+    async def _flush(self) -> None:
+        records = self._pending
+        if not records:
+            return
+        t0 = time.perf_counter()
+        payload, written, stats = self._codec.encode(records)
+        self.encode_seconds += time.perf_counter() - t0
+        self._pending = []
+        self.records_encoded += written
+        self.encode_non_finite += int(getattr(stats, "non_finite", 0))
+        self.encode_empty += int(getattr(stats, "empty", 0))
+        invalid = int(getattr(stats, "invalid", 0))
+        if invalid:
+            self.encode_invalid += invalid
+            now = time.monotonic()
+            if now - self._invalid_logged >= _INVALID_LOG_INTERVAL:
+                self._invalid_logged = now
+                log.warning(
+                    "outlet %s: %d records have no valid encoding and were dropped "
+                    "(%d so far), e.g.: %s",
+                    self.name,
+                    invalid,
+                    self.encode_invalid,
+                    getattr(stats, "last_invalid", "") or "no detail",
+                )
+        if not payload or not written:
+            return
+        # the next batch's size by bytes comes from this one: never encode twice to measure
+        measured = len(payload) / len(records)
+        if self.batches == 0:
+            self._line_estimate = measured
+        else:
+            self._line_estimate = 0.5 * self._line_estimate + 0.5 * measured
+        self._seq += 1
+        batch = EncodedBatch(
+            payload=payload,
+            records=written,
+            codec=self.codec_name,
+            seq=self._seq,
+            first_id=records[0].id,
+            last_id=records[-1].id,
+        )
+        self.batches += 1
+        self.bytes_encoded += len(payload)
+        for ch in self.channels:
+            ch.incoming = batch.records
+        for ch in self.channels:
+            await ch.buffer.append(batch)  # may wait (when_full = block)
+            ch.incoming = 0
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    async def _send_loop(self, ch: SinkChannel) -> None:
+        await self._connect(ch)
+        while True:
+            batch = await ch.buffer.get()
+            if batch is None:
+                return
+            await self._deliver(ch, batch)
+            ch.buffer.ack(batch)
+
+    def _failed(self, ch: SinkChannel, what: str, error: BaseException) -> None:
+        message = _describe(error)
+        first = not ch.failing
+        ch.failing = True
+        ch.retries += 1
+        if first or message != ch.last_error:
+            # a traceback only for what no sink should raise: that is a bug, not an outage
+            expected = isinstance(error, RetryableSinkError | PermanentSinkError | OSError)
+            log.warning(
+                "outlet %s: sink %s: %s failed (will retry): %s",
+                self.name,
+                ch.name,
+                what,
+                message,
+                exc_info=None if expected or isinstance(error, TimeoutError) else error,
+            )
+        ch.last_error = message
+        ch.last_error_time = time.time()
+
+    def _recovered(self, ch: SinkChannel, what: str) -> None:
+        if ch.failing:
+            log.info(
+                "outlet %s: sink %s: %s succeeded after %d attempts",
+                self.name,
+                ch.name,
+                what,
+                ch.backoff.attempts + 1,
+            )
+        ch.failing = False
+        ch.backoff.reset()
+
+    async def _connect(self, ch: SinkChannel) -> None:
+        timeout = ch.config.timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    await ch.sink.connect()
+            except TimeoutError:
+                self._failed(ch, "connect", TimeoutError(f"connect timed out after {timeout:g}s"))
+            except Exception as e:  # any connect failure is retried
+                self._failed(ch, "connect", e)
+            else:
+                ch.connected = True
+                self._recovered(ch, "connect")
+                log.debug("outlet %s: sink %s connected", self.name, ch.name)
+                return
+            await asyncio.sleep(ch.backoff.next())
+
+    async def _deliver(self, ch: SinkChannel, batch: EncodedBatch) -> None:
+        """Write ``batch`` until the sink takes it or refuses it for good."""
+        cfg = ch.config
+        while True:
+            retry_after: float | None = None
+            try:
+                async with asyncio.timeout(cfg.timeout):
+                    await ch.sink.write(batch)
+            except PermanentSinkError as e:
+                ch.rejected += 1
+                ch.rejected_records += batch.records
+                ch.last_error = _describe(e)
+                ch.last_error_time = time.time()
+                log.error(
+                    "outlet %s: sink %s rejected batch %d (%d records, %s .. %s): %s",
+                    self.name,
+                    ch.name,
+                    batch.seq,
+                    batch.records,
+                    batch.first_id,
+                    batch.last_id,
+                    ch.last_error,
+                )
+                # the upstream answered, so it is up: the next batch goes without delay
+                self._recovered(ch, "write")
+                return
+            except RetryableSinkError as e:
+                retry_after = e.retry_after
+                self._failed(ch, "write", e)
+            except TimeoutError:
+                self._failed(ch, "write", TimeoutError(f"write timed out after {cfg.timeout:g}s"))
+            except Exception as e:  # never lose a batch to a surprise
+                self._failed(ch, "write", e)
+            else:
+                ch.records_out += batch.records
+                ch.batches_out += 1
+                ch.bytes_out += len(batch.payload)
+                if batch.first_id:
+                    with contextlib.suppress(ValueError):
+                        ch.latencies.append(time.time() - id_time_ms(batch.first_id) / 1000)
+                self._recovered(ch, "write")
+                return
+            delay = ch.backoff.next()
+            if retry_after is not None:
+                # the upstream knows best when it can take more, within the configured cap
+                delay = max(delay, min(retry_after, cfg.retry_max))
+            await asyncio.sleep(delay)
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float | int]:
+        """Counters of the outlet, totals over its sinks, and per sink as ``<sink>.<name>``."""
+        m: dict[str, float | int] = {
+            "records_in": self.records_in,
+            "records_encoded": self.records_encoded,
+            "batches": self.batches,
+            "bytes_encoded": self.bytes_encoded,
+            "encode_non_finite": self.encode_non_finite,
+            "encode_empty": self.encode_empty,
+            "encode_invalid": self.encode_invalid,
+            "encode_seconds": self.encode_seconds,
+            "queue_records": len(self._sub),
+            "queue_dropped": self._sub.dropped,
+            "queue_blocked": self._sub.blocked,
+            "pending_records": len(self._pending),
+            "sinks": len(self.channels),
+        }
+        totals = (
+            "records_out",
+            "batches_out",
+            "bytes_out",
+            "retries",
+            "rejected",
+            "rejected_records",
+            "dropped",
+            "dropped_batches",
+            "buffer_records",
+            "buffer_bytes",
+            "undelivered",
+        )
+        for key in totals:
+            m[key] = 0
+        for ch in self.channels:
+            per_sink = ch.metrics()
+            for key in totals:
+                m[key] += per_sink[key]
+            for key, value in per_sink.items():
+                m[f"{ch.name}.{key}"] = value
+        m.update(_latency_summary([x for ch in self.channels for x in ch.latencies]))
+        return m
+
+    def status(self) -> dict[str, Any]:
+        """Per sink: connected, failing, last error (for /healthz and the demo view)."""
+        return {
+            ch.name: {
+                "connected": ch.connected,
+                "failing": ch.failing,
+                "last_error": ch.last_error,
+                "last_error_time": ch.last_error_time,
+            }
+            for ch in self.channels
+        }
+
+    def __repr__(self) -> str:
+        return f"Outlet({self.name!r}, sinks={[ch.name for ch in self.channels]})"
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
