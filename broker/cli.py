@@ -1,0 +1,244 @@
+"""The ``plantbus`` command: ``run``, ``check`` and ``demo``.
+
+Exit codes (contract): 0 ok, 2 bad config or usage, 1 runtime failure. A config error is
+printed as the loader's messages (each naming the file and the key path), never as a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from plantbus.broker.config import PlantbusConfig
+    from plantbus.broker.runtime import Runtime
+
+__all__ = ["DEFAULT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main", "setup_logging"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONFIG = Path("/etc/plantbus/plantbus.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("plantbus")
+
+
+def _version() -> str:
+    try:
+        return version("plantbus")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes each line with its syslog priority (``<3>``), which journald reads as the level.
+
+    The journal adds the time and the unit itself, so the line carries neither.
+    """
+
+    _PRIORITY: ClassVar[dict[int, int]] = {
+        logging.CRITICAL: 2,
+        logging.ERROR: 3,
+        logging.WARNING: 4,
+        logging.INFO: 6,
+        logging.DEBUG: 7,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        # a traceback (debug level only) spans lines; each gets the prefix, or journald
+        # would file the continuation lines at the default level
+        prefix = f"<{self._PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr; under systemd, in the journal's own format."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _print_config_errors(messages: Sequence[str]) -> None:
+    for message in messages:
+        print(message, file=sys.stderr)
+    n = len(messages)
+    print(f"config invalid: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.lower,
+        default=None,
+        help="log level (default: the config's, else info)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="plantbus",
+        description="Industrial connector and data broker: devices -> bus -> InfluxDB and more.",
+    )
+    parser.add_argument("--version", action="version", version=f"plantbus {_version()}")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    p_run = verbs.add_parser(
+        "run", parents=[common], help="run the daemon", description="Run the daemon."
+    )
+    p_run.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"main config file; its conf.d/ folder is read too (default: {DEFAULT_CONFIG})",
+    )
+
+    p_check = verbs.add_parser(
+        "check",
+        parents=[common],
+        help="validate the config without touching any device",
+        description="Validate the config (the file and the conf.d/ beside it); exit 0 or 2.",
+    )
+    p_check.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+
+    p_demo = verbs.add_parser(
+        "demo",
+        parents=[common],
+        help="run the built-in demo with a live view",
+        description=(
+            "Run simulated devices into a line-protocol file (and InfluxDB with --influx), "
+            "showing topics, rates and last values live. Ctrl-C stops it."
+        ),
+    )
+    p_demo.add_argument("--influx", metavar="URL", help="also write to this InfluxDB 1.x URL")
+    p_demo.add_argument(
+        "--duration", metavar="S", type=_positive_seconds, help="stop by itself after S seconds"
+    )
+    p_demo.add_argument(
+        "--no-view", action="store_true", help="print a summary line every few seconds instead"
+    )
+    p_demo.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("var/demo"),
+        help="where the demo writes its files (default: var/demo)",
+    )
+    return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from plantbus.broker.config import ConfigError, check_config, load_config
+
+    messages = check_config(args.config)
+    if messages:
+        _print_config_errors(messages)
+        return EXIT_USAGE
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:  # check_config and load_config agree; this is a safety net
+        _print_config_errors(exc.messages)
+        return EXIT_USAGE
+    devices = len(config.devices)
+    sinks = len(config.sinks)
+    print(
+        f"config OK: {devices} device{'s' if devices != 1 else ''}, "
+        f"{sinks} sink{'s' if sinks != 1 else ''}"
+    )
+    return EXIT_OK
+
+
+def _log_level(args: argparse.Namespace, config: PlantbusConfig) -> str:
+    return str(args.log_level or config.node.log_level)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from plantbus.broker.config import ConfigError, load_config
+    from plantbus.broker.runtime import Runtime
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _print_config_errors(exc.messages)
+        return EXIT_USAGE
+    setup_logging(_log_level(args, config))
+    log.info("plantbus %s starting (config %s, pid %d)", _version(), args.config, os.getpid())
+    runtime = Runtime(config, config_path=args.config, handle_signals=True)
+    return run_runtime(runtime, runtime.run())
+
+
+def run_runtime(runtime: Runtime, main: Coroutine[Any, Any, None]) -> int:
+    """Run ``main`` (which runs ``runtime``) on a fresh loop; map how it ended to an exit code.
+
+    Returns:
+        0 after a drain, 1 when a component could not be built, the drain was forced
+        (second Ctrl-C) or something unexpected failed.
+    """
+    from plantbus.broker.runtime import BuildError, run_async
+
+    try:
+        run_async(main)
+    except BuildError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # a forced exit (second Ctrl-C) or an interrupt before the handlers were installed
+        log.error("stopped before the drain finished")
+        return EXIT_FAILURE
+    except Exception:
+        log.critical("unexpected failure", exc_info=True)
+        return EXIT_FAILURE
+    return EXIT_FAILURE if runtime.forced else EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from plantbus.broker.config import ConfigError
+    from plantbus.broker.demo import Demo
+
+    try:
+        demo = Demo(
+            influx=args.influx, duration=args.duration, view=not args.no_view, workdir=args.dir
+        )
+    except ConfigError as exc:
+        _print_config_errors(exc.messages)
+        return EXIT_USAGE
+    demo.setup_logging(args.log_level or "info")
+    return run_runtime(demo.runtime, demo.main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``plantbus`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit 2 here
+    if args.verb == "check":
+        return _cmd_check(args)
+    if args.verb == "run":
+        return _cmd_run(args)
+    return _cmd_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``plantbus demo``: the embedded demo config, run with a live terminal view.
+
+The config is ``plantbus/broker/demo.toml``, package data kept identical to the repository's
+``config/demo.toml`` (a test checks it), so ``plantbus demo`` works from an installed wheel
+as well as from a checkout. The demo writes only under its work folder (default
+``var/demo``, git-ignored): its file sinks and state directory are moved there, whatever
+paths the config names. ``--influx URL`` adds an ``influxdb`` sink writing to the database
+``plantbus``.
+
+In a terminal it shows a live view of topics, rates and last values (about 4 Hz); with
+``--no-view`` or when stdout is not a terminal it prints a summary line every few seconds.
+Ctrl-C drains (the devices stop, the sinks flush) and exits 0; a second Ctrl-C forces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from plantbus.broker.config import PlantbusConfig, SinkEntry, parse_config
+from plantbus.broker.liveview import LiveView
+from plantbus.broker.runtime import Runtime
+
+__all__ = ["DEMO_DATABASE", "Demo", "demo_config", "demo_config_text"]
+
+log = logging.getLogger("plantbus.demo")
+
+DEMO_DATABASE = "plantbus"
+DEFAULT_WORKDIR = Path("var/demo")
+VIEW_INTERVAL = 0.25  # seconds between frames of the live view (~4 Hz)
+SUMMARY_EVERY = 5  # seconds between summary lines without the view
+
+
+def demo_config_text() -> str:
+    """The embedded demo config (``plantbus/broker/demo.toml``)."""
+    return resources.files("plantbus.broker").joinpath("demo.toml").read_text(encoding="utf-8")
+
+
+def _influx_table(url: str) -> str:
+    # JSON string escapes are valid TOML basic-string escapes, so any URL text stays one value
+    return (
+        "\n\n# added by `plantbus demo --influx`\n"
+        "[[sinks.influxdb]]\n"
+        'name = "influxdb"\n'
+        f"url = {json.dumps(url)}\n"
+        f'database = "{DEMO_DATABASE}"\n'
+        'subscribe = ["#"]\n'
+    )
+
+
+def demo_config(workdir: Path = DEFAULT_WORKDIR, influx: str | None = None) -> PlantbusConfig:
+    """The demo's config, relocated into ``workdir``, plus an InfluxDB sink for ``influx``.
+
+    Raises:
+        ConfigError: e.g. an invalid ``--influx`` URL (messages name ``demo.toml``).
+    """
+    workdir = workdir.absolute()
+    text = demo_config_text()
+    if influx is not None:
+        text += _influx_table(influx)
+    config = parse_config(text, workdir / "demo.toml")
+    sinks = [_relocate(s, workdir) for s in config.sinks]
+    node = config.node.model_copy(update={"state_dir": workdir / "state"})
+    return dataclasses.replace(config, node=node, sinks=sinks)
+
+
+def _relocate(entry: SinkEntry, workdir: Path) -> SinkEntry:
+    path = getattr(entry.config, "path", None)
+    if entry.kind != "file" or not isinstance(path, Path):
+        return entry
+    config = entry.config.model_copy(update={"path": workdir / path.name})
+    return dataclasses.replace(entry, config=config)
+
+
+class Demo:
+    """The demo: a runtime with the demo config and a way to watch it.
+
+    Args:
+        influx: also write to the InfluxDB 1.x at this URL (database ``plantbus``).
+        duration: stop by itself after this many seconds (drain included).
+        view: show the live view (only when stdout is a terminal).
+        workdir: where the demo's files go.
+
+    Raises:
+        ConfigError: the demo config (with ``--influx``) is invalid.
+    """
+
+    def __init__(
+        self,
+        *,
+        influx: str | None = None,
+        duration: float | None = None,
+        view: bool = True,
+        workdir: Path = DEFAULT_WORKDIR,
+    ):
+        self.config = demo_config(workdir, influx)
+        self.influx = influx
+        self.duration = duration
+        self.view = view and sys.stdout.isatty()
+        self.workdir = workdir
+        self.runtime = Runtime(self.config, handle_signals=True)
+        self._console = None
+        if self.view:
+            from rich.console import Console
+
+            self._console = Console()
+
+    def notes(self) -> list[str]:
+        out = []
+        for s in self.config.sinks:
+            path = getattr(s.config, "path", None)
+            if s.kind == "file" and path is not None:
+                out.append(f"sink {s.name}: line protocol in {_shown(path)}")
+        if self.influx:
+            out.append(f"sink influxdb: {self.influx} database {DEMO_DATABASE!r}")
+        if self.duration:
+            out.append(f"stops by itself after {self.duration:g}s")
+        out.append("Ctrl-C to stop (drains the sinks first)")
+        return out
+
+    def setup_logging(self, level: str) -> None:
+        """Log lines go above the live view (rich) or to stderr (plain)."""
+        if self._console is None:
+            from plantbus.broker.cli import setup_logging
+
+            setup_logging(level)
+            return
+        from rich.logging import RichHandler
+
+        handler = RichHandler(
+            console=self._console, show_path=False, rich_tracebacks=False, markup=False
+        )
+        logging.basicConfig(
+            level=level.upper(), format="%(name)s: %(message)s", handlers=[handler], force=True
+        )
+
+    async def main(self) -> None:
+        """Run until Ctrl-C, SIGTERM or ``duration``, then drain (raises what run raises)."""
+        runtime = self.runtime
+        view = LiveView(runtime, title="plantbus demo", notes=self.notes())
+        loop = asyncio.get_running_loop()
+        timer = None
+        if self.duration:
+            timer = loop.call_later(
+                self.duration, runtime.request_stop, f"demo ran {self.duration:g}s"
+            )
+        watcher = asyncio.create_task(self._watch(view), name="demo:view")
+        try:
+            await runtime.run()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        print(f"demo stopped: {view.summary_line(final=True)}", flush=True)
+
+    async def _watch(self, view: LiveView) -> None:
+        if self._console is None:
+            # sample every second so the printed rate covers the recent seconds
+            ticks = 0
+            while True:
+                await asyncio.sleep(1.0)
+                ticks += 1
+                if ticks % SUMMARY_EVERY:
+                    view.sample()
+                else:
+                    print(view.summary_line(), flush=True)
+        from rich.live import Live
+
+        # refreshed from this task, not rich's thread, so the runtime's state is read on
+        # the event loop between its own steps
+        with Live(
+            view.render(), console=self._console, auto_refresh=False, transient=False
+        ) as live:
+            try:
+                while True:
+                    await asyncio.sleep(VIEW_INTERVAL)
+                    live.update(view.render(), refresh=True)
+            finally:
+                # leave the final state on screen: stopped devices, what each sink delivered
+                live.update(view.render(), refresh=True)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,707 @@
+"""The runtime: builds the bus, the outlets and the devices from config and runs them.
+
+Every device connector and every outlet runs as a named task in one ``asyncio.TaskGroup``,
+each under its own ``Supervisor`` (log, jittered backoff, restart), so one PLC's fault never
+cancels another device or a sink.
+
+Stopping drains in order: connectors first (so nothing new enters the bus), then every
+outlet flushes what it queued and buffered within one bounded total time
+(``node.shutdown_timeout``), then the sinks are closed. One ``drained:`` line per device and
+per outlet reports what went in and what came out, so an operator (or a test) can check
+that nothing was lost.
+
+Reloading (SIGHUP) re-reads the config files and restarts only the devices and sink groups
+whose config changed; everything else keeps running without a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plantbus.broker.backoff import Backoff
+from plantbus.broker.bus import Bus
+from plantbus.broker.config import ConfigError, DeviceEntry, PlantbusConfig, SinkEntry, load_config
+from plantbus.broker.connector import BuildContext, Connector
+from plantbus.broker.outlet import Outlet, group_sinks
+from plantbus.broker.record import Record
+from plantbus.broker.registry import load_device_module, load_sink_module
+from plantbus.broker.sinks.base import Sink, SinkConfig
+from plantbus.broker.supervisor import DEFAULT_HEALTHY_AFTER, Supervisor, describe_error
+
+__all__ = [
+    "BuildError",
+    "DeviceHandle",
+    "OutletHandle",
+    "Runtime",
+    "new_event_loop",
+    "run_async",
+]
+
+log = logging.getLogger("plantbus.runtime")
+
+DEVICE_BACKOFF = (0.5, 30.0)
+OUTLET_BACKOFF = (1.0, 30.0)
+"""(initial, maximum) restart delays. Equal jitter: never a near-zero restart of a crash loop."""
+
+_STOP_GRACE = 2.0  # extra seconds an outlet's own bounded stop() gets before we stop waiting
+_FORCE_EXIT_AFTER = 3.0  # a forced exit that does not finish by then ends the process hard
+
+
+class BuildError(Exception):
+    """A device or sink could not be built from its (valid) config: the runtime cannot start."""
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed, else asyncio's default one."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_async(main: Any) -> Any:
+    """Run the coroutine ``main`` to completion on a fresh (uvloop when present) loop."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
+
+
+def _restart_backoff(spec: tuple[float, float]) -> Backoff:
+    return Backoff(spec[0], spec[1], jitter="equal")
+
+
+class DeviceHandle:
+    """One device in the runtime: its config entry, connector, supervisor and counters.
+
+    Args:
+        entry: the config entry it was built from (compared on reload).
+        connector: the built connector.
+        publish: the bus's ``publish``; the device's ``emit`` awaits it.
+        backoff: the restart backoff of its supervisor.
+        healthy_after: seconds of fault-free running that reset the backoff.
+
+    Attributes:
+        supervisor: runs ``connector.run(self.emit)`` and restarts it on faults.
+        emitted: records published to the bus (counted after ``publish`` returned).
+        last: the last record published, for the live view.
+        task: the supervisor's task while running.
+    """
+
+    def __init__(
+        self,
+        entry: DeviceEntry,
+        connector: Connector,
+        publish: Callable[[list[Record]], Awaitable[None]],
+        backoff: Backoff,
+        healthy_after: float,
+    ):
+        self.entry = entry
+        self.connector = connector
+        self._publish = publish
+        self.emitted = 0
+        self.last: Record | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.supervisor = Supervisor(
+            connector.name,
+            lambda: connector.run(self.emit),
+            backoff,
+            kind="device",
+            healthy_after=healthy_after,
+        )
+
+    async def emit(self, records: list[Record]) -> None:
+        """The connector's ``Emit``: publish one read's records on the bus."""
+        # awaiting publish is the back-pressure of `block` subscribers; count only what the
+        # bus accepted, so `emitted` is exact even when a drain cancels mid-publish
+        await self._publish(records)
+        if records:
+            self.emitted += len(records)
+            self.last = records[-1]
+
+    @property
+    def name(self) -> str:
+        return self.connector.name
+
+    @property
+    def overruns(self) -> int | None:
+        """Polls that ended after the next was due, where the connector counts them."""
+        value = getattr(self.connector, "overruns", None)
+        return value if isinstance(value, int) else None
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.entry.kind, "emitted": self.emitted}
+        if self.last is not None:
+            out["topic"] = self.last.series.topic
+        if self.overruns is not None:
+            out["overruns"] = self.overruns
+        out.update(self.supervisor.status.as_dict())
+        return out
+
+
+@dataclass(eq=False)
+class OutletHandle:
+    """One outlet (a group of sinks sharing subscription, codec and batching) in the runtime.
+
+    Attributes:
+        name: the sink names of the group joined by ``+``.
+        entries: the config entries of its sinks, in group order (compared on reload).
+        outlet: the outlet.
+        supervisor: runs ``outlet.run()`` and restarts it on faults.
+        task: the supervisor's task while running.
+    """
+
+    name: str
+    entries: list[SinkEntry]
+    outlet: Outlet
+    supervisor: Supervisor
+    task: asyncio.Task[None] | None = None
+    sink_names: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.outlet.metrics())
+        out["sinks"] = list(self.sink_names)
+        out.update(self.supervisor.status.as_dict())
+        return out
+
+
+def _config_key(entries: Sequence[SinkEntry | DeviceEntry]) -> list[tuple[str, Any]]:
+    # what decides whether a component must restart on reload: its kind and validated config
+    # (not the file it came from nor its position, which move when files are reorganised)
+    return [(e.kind, e.config) for e in entries]
+
+
+class Runtime:
+    """Builds and runs devices and outlets on one bus.
+
+    Args:
+        config: the loaded config.
+        config_path: the file to re-read on reload (``request_reload`` / SIGHUP).
+        handle_signals: install SIGTERM/SIGINT (drain; a second SIGINT forces exit) and
+            SIGHUP (reload) handlers while ``run`` runs. Needs the main thread.
+        healthy_after: seconds of fault-free running after which a restart backoff resets.
+        device_backoff / outlet_backoff: factories of the restart backoff (tests shorten it).
+
+    Attributes:
+        bus: the bus every device publishes to.
+        devices: device name -> handle.
+        outlets: outlet name -> handle.
+        forced: True when a second SIGINT aborted the drain.
+    """
+
+    def __init__(
+        self,
+        config: PlantbusConfig,
+        *,
+        config_path: Path | None = None,
+        handle_signals: bool = False,
+        healthy_after: float = DEFAULT_HEALTHY_AFTER,
+        device_backoff: Callable[[], Backoff] = lambda: _restart_backoff(DEVICE_BACKOFF),
+        outlet_backoff: Callable[[], Backoff] = lambda: _restart_backoff(OUTLET_BACKOFF),
+    ):
+        self.config = config
+        self.config_path = config_path
+        self.bus = Bus()
+        self.devices: dict[str, DeviceHandle] = {}
+        self.outlets: dict[str, OutletHandle] = {}
+        self.forced = False
+        self.started_at: float | None = None
+        self._handle_signals = handle_signals
+        self._healthy_after = healthy_after
+        self._device_backoff = device_backoff
+        self._outlet_backoff = outlet_backoff
+        self._built = False
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._reload_pending = False
+        self._started = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._signals_installed: list[signal.Signals] = []
+
+    # -- settings ----------------------------------------------------------------------------
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """Seconds the whole drain may take (``node.shutdown_timeout``, 10 s by default)."""
+        return float(self.config.node.shutdown_timeout)
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _build_device(self, entry: DeviceEntry, ctx: BuildContext) -> DeviceHandle:
+        try:
+            module = load_device_module(entry.kind)
+            connector: Connector = module.build(entry.config, ctx)
+        except Exception as exc:
+            log.debug("device build traceback", exc_info=exc)
+            raise BuildError(
+                f"{entry.where}: device {entry.name!r} could not be built: {describe_error(exc)}"
+            ) from exc
+        return DeviceHandle(
+            entry, connector, self.bus.publish, self._device_backoff(), self._healthy_after
+        )
+
+    def _build_sinks(
+        self, entries: Sequence[SinkEntry], ctx: BuildContext
+    ) -> list[tuple[SinkConfig, Sink, SinkEntry]]:
+        built: list[tuple[SinkConfig, Sink, SinkEntry]] = []
+        for entry in entries:
+            try:
+                module = load_sink_module(entry.kind)
+                sink: Sink = module.build(entry.config, ctx)
+            except Exception as exc:
+                log.debug("sink build traceback", exc_info=exc)
+                raise BuildError(
+                    f"{entry.where}: sink {entry.name!r} could not be built: {describe_error(exc)}"
+                ) from exc
+            built.append((entry.config, sink, entry))
+        return built
+
+    def _build_outlets(self, entries: Sequence[SinkEntry], ctx: BuildContext) -> list[OutletHandle]:
+        built = self._build_sinks(entries, ctx)
+        before = set(self.bus.subscriptions)
+        try:
+            return self._group_outlets(built)
+        except BuildError:
+            # outlets subscribe when constructed: a `block` queue nobody reads would stall
+            # every device publishing to it, so the ones built before the failure unsubscribe
+            for sub in self.bus.subscriptions:
+                if sub not in before:
+                    sub.close()
+            raise
+
+    def _group_outlets(
+        self, built: Sequence[tuple[SinkConfig, Sink, SinkEntry]]
+    ) -> list[OutletHandle]:
+        entry_of = {id(sink): entry for _, sink, entry in built}
+        groups = group_sinks([(cfg, sink) for cfg, sink, _ in built])
+        handles: list[OutletHandle] = []
+        for group in groups:
+            group_entries = [entry_of[id(sink)] for _, sink in group]
+            names = [e.name for e in group_entries]
+            name = "+".join(names)
+            try:
+                outlet = Outlet(name, self.bus, group)
+            except Exception as exc:
+                # e.g. a buffer kind this build cannot provide
+                log.debug("outlet build traceback", exc_info=exc)
+                where = ", ".join(e.where for e in group_entries)
+                raise BuildError(
+                    f"{where}: outlet {name!r} could not be built: {describe_error(exc)}"
+                ) from exc
+            supervisor = Supervisor(
+                name,
+                outlet.run,
+                self._outlet_backoff(),
+                kind="outlet",
+                healthy_after=self._healthy_after,
+                returns=True,
+            )
+            handles.append(
+                OutletHandle(
+                    name=name,
+                    entries=group_entries,
+                    outlet=outlet,
+                    supervisor=supervisor,
+                    sink_names=names,
+                )
+            )
+        return handles
+
+    def build(self) -> None:
+        """Build every outlet and every enabled device (idempotent).
+
+        Raises:
+            BuildError: a device or sink could not be built (naming its file and kind).
+        """
+        if self._built:
+            return
+        ctx = self.config.build_context()
+        sinks = [e for e in self.config.sinks if e.config.enabled]
+        for handle in self._build_outlets(sinks, ctx):
+            self.outlets[handle.name] = handle
+        for entry in self.config.devices:
+            if not entry.config.enabled:
+                log.info("device %s is disabled", entry.config.name)
+                continue
+            handle = self._build_device(entry, ctx)
+            self.devices[handle.name] = handle
+        self._built = True
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _start_outlet(self, handle: OutletHandle) -> None:
+        assert self._tg is not None
+        handle.task = self._tg.create_task(handle.supervisor.run(), name=f"outlet:{handle.name}")
+
+    def _start_device(self, handle: DeviceHandle) -> None:
+        assert self._tg is not None
+        handle.task = self._tg.create_task(handle.supervisor.run(), name=f"device:{handle.name}")
+
+    async def run(self, stop_event: asyncio.Event | None = None) -> None:
+        """Build, start every outlet and device, run until stopped, then drain.
+
+        Args:
+            stop_event: setting it stops the runtime (as ``request_stop`` does).
+
+        Raises:
+            BuildError: a component could not be built; nothing was started.
+        """
+        self._main = asyncio.current_task()
+        log.debug("event loop: %s", type(asyncio.get_running_loop()).__module__)
+        watcher: asyncio.Task[None] | None = None
+        if stop_event is not None:
+            watcher = asyncio.create_task(self._watch(stop_event), name="runtime:stop-watcher")
+        if self._handle_signals:
+            # before building: a SIGTERM during a slow build then drains instead of killing
+            self._install_signal_handlers()
+        try:
+            self.build()
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                # outlets first: their subscriptions must exist before the first record
+                for o in self.outlets.values():
+                    self._start_outlet(o)
+                for d in self.devices.values():
+                    self._start_device(d)
+                self.started_at = time.monotonic()
+                log.info(
+                    "running: %s, %s (%s)",
+                    _plural(len(self.devices), "device"),
+                    _plural(len(self.outlets), "outlet"),
+                    ", ".join(self.outlets) or "no sinks",
+                )
+                self._started.set()
+                while True:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    if self._stopping:
+                        break
+                    if self._reload_pending:
+                        self._reload_pending = False
+                        await self._reload()
+                await self._drain()
+        finally:
+            self._tg = None
+            if watcher is not None:
+                watcher.cancel()
+            self._remove_signal_handlers()
+
+    async def _watch(self, stop_event: asyncio.Event) -> None:
+        await stop_event.wait()
+        self.request_stop("stop requested")
+
+    async def start(self) -> None:
+        """Run in a background task and return once every component has started.
+
+        Raises:
+            BuildError: as ``run``.
+        """
+        self._main = asyncio.create_task(self.run(), name="runtime")
+        started = asyncio.create_task(self._started.wait())
+        await asyncio.wait({self._main, started}, return_when=asyncio.FIRST_COMPLETED)
+        if self._main.done():
+            started.cancel()
+            self._main.result()  # raises the build error
+
+    async def shutdown(self) -> None:
+        """Drain and stop a runtime started with ``start``; returns when it has stopped."""
+        self.request_stop()
+        if self._main is not None:
+            await self._main
+
+    def request_stop(self, reason: str = "", *, hint: str = "") -> None:
+        """Begin the drain (idempotent). Safe to call from a signal handler.
+
+        Args:
+            reason: why, for the log line (nothing is logged without one).
+            hint: appended to the log line, e.g. how to force the exit.
+        """
+        if not self._stopping:
+            self._stopping = True
+            if reason:
+                log.info("%s: draining (at most %gs%s)", reason, self.shutdown_timeout, hint)
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Re-read the config file and apply what changed (needs ``config_path``)."""
+        self._reload_pending = True
+        self._wake.set()
+
+    def force_stop(self) -> None:
+        """Abandon the drain: cancel everything now. Records not yet delivered are lost."""
+        self.forced = True
+        log.warning("forced exit: the drain was abandoned; undelivered records are lost")
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+            # a component that ignores cancellation must not keep the process alive
+            asyncio.get_running_loop().call_later(_FORCE_EXIT_AFTER, _hard_exit)
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        handlers: dict[signal.Signals, Callable[[], None]] = {
+            signal.SIGTERM: lambda: self._on_stop_signal(signal.SIGTERM),
+            signal.SIGINT: lambda: self._on_stop_signal(signal.SIGINT),
+            signal.SIGHUP: self._on_hup,
+        }
+        for sig, handler in handlers.items():
+            loop.add_signal_handler(sig, handler)
+            self._signals_installed.append(sig)
+
+    def _remove_signal_handlers(self) -> None:
+        if not self._signals_installed:
+            return
+        loop = asyncio.get_running_loop()
+        for sig in self._signals_installed:
+            loop.remove_signal_handler(sig)
+        self._signals_installed.clear()
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if not self._stopping:
+            hint = "; Ctrl-C again to force" if sig is signal.SIGINT else ""
+            self.request_stop(f"{sig.name} received", hint=hint)
+        elif sig is signal.SIGINT:
+            self.force_stop()
+        else:
+            log.info("%s received again: still draining", sig.name)
+
+    def _on_hup(self) -> None:
+        if self.config_path is None:
+            log.warning("SIGHUP received but there is no config file to reload")
+            return
+        log.info("SIGHUP received: reloading %s", self.config_path)
+        self.request_reload()
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            for message in exc.messages:
+                log.error("reload refused: %s", message)
+            log.error("reload refused: keeping the running config")
+            return
+        except Exception as exc:
+            log.error("reload failed: %s; keeping the running config", describe_error(exc))
+            return
+        try:
+            await self.apply(new)
+        except Exception as exc:
+            # a bug in applying must not take the running devices down with it
+            log.error("reload failed: %s", describe_error(exc))
+            log.debug("reload traceback", exc_info=exc)
+
+    async def apply(self, new: PlantbusConfig) -> None:
+        """Switch to ``new``: restart only the devices and sink groups whose config changed.
+
+        A component whose new config cannot be built is logged and keeps running as before
+        (or stays absent if it is new). Node and API settings need a restart.
+        """
+        old = self.config
+        if new.node != old.node:
+            log.warning("reload: [node] changed; restart plantbus to apply it")
+        if getattr(new, "api", None) != getattr(old, "api", None):
+            log.warning("reload: [api] changed; restart plantbus to apply it")
+        ctx = old.build_context()  # node settings stay those of the running process
+        await self._apply_sinks(new, ctx)
+        await self._apply_devices(new, ctx)
+        self.config = new
+
+    async def _apply_sinks(self, new: PlantbusConfig, ctx: BuildContext) -> None:
+        wanted = [e for e in new.sinks if e.config.enabled]
+        # group the new entries the way the outlet groups sinks, without building any sink,
+        # so that unchanged groups keep their outlet (and its queue and buffer)
+        groups = group_sinks([(e.config, e) for e in wanted])  # type: ignore[misc]
+        keep: set[str] = set()
+        changed: list[SinkEntry] = []
+        for group in groups:
+            entries = [e for _, e in group]
+            key = _config_key(entries)
+            match = next(
+                (
+                    h
+                    for h in self.outlets.values()
+                    if h.name not in keep and _config_key(h.entries) == key
+                ),
+                None,
+            )
+            if match is not None:
+                keep.add(match.name)
+            else:
+                changed.extend(entries)
+        retire = [h for name, h in self.outlets.items() if name not in keep]
+        if not changed and not retire:
+            return
+        # an outlet's subscription is named after it; taken before the successors (which
+        # often have the same name) subscribe
+        retire_names = {h.name for h in retire}
+        retire_subs = [s for s in self.bus.subscriptions if s.name in retire_names]
+        try:
+            fresh = self._build_outlets(changed, ctx)
+        except BuildError as exc:
+            log.error("reload: %s; sinks left as they were", exc)
+            return
+        # hand over without an await in between: every record published from here on goes
+        # to the new outlets only, and every earlier one is in an old queue and drained
+        # below, so nothing is lost and nothing is written twice
+        for sub in retire_subs:
+            sub.close()
+        for h in retire:
+            del self.outlets[h.name]
+        for h in fresh:
+            self.outlets[h.name] = h
+            self._start_outlet(h)
+            log.info("reload: outlet %s started", h.name)
+        await asyncio.gather(*(self._stop_outlet(h, self.shutdown_timeout) for h in retire))
+        for h in retire:
+            log.info("reload: outlet %s stopped", h.name)
+
+    async def _apply_devices(self, new: PlantbusConfig, ctx: BuildContext) -> None:
+        wanted = {e.config.name: e for e in new.devices if e.config.enabled}
+        for name in [n for n in self.devices if n not in wanted]:
+            handle = self.devices.pop(name)
+            await self._stop_device(handle)
+            log.info("reload: device %s removed", name)
+        for name, entry in wanted.items():
+            current = self.devices.get(name)
+            if current is not None and _config_key([current.entry]) == _config_key([entry]):
+                continue
+            try:
+                handle = self._build_device(entry, ctx)
+            except BuildError as exc:
+                outcome = "keeping the old one" if current else "not started"
+                log.error("reload: %s; %s", exc, outcome)
+                continue
+            if current is not None:
+                await self._stop_device(current)
+            self.devices[name] = handle
+            self._start_device(handle)
+            log.info("reload: device %s %s", name, "restarted" if current else "added")
+
+    async def _stop_device(self, handle: DeviceHandle) -> None:
+        if handle.task is not None and not handle.task.done():
+            handle.task.cancel()
+            await asyncio.wait({handle.task})
+
+    async def _stop_outlet(self, handle: OutletHandle, budget: float) -> None:
+        try:
+            async with asyncio.timeout(budget + _STOP_GRACE):
+                await handle.outlet.stop(budget)
+        except TimeoutError:
+            log.warning("outlet %s did not stop within %.1fs", handle.name, budget)
+        except Exception as exc:
+            log.error("outlet %s failed to stop: %s", handle.name, describe_error(exc))
+            log.debug("outlet stop traceback", exc_info=exc)
+        task = handle.task
+        if task is not None and not task.done():
+            # run() returns after stop(); if it is stuck (e.g. backing off), end it
+            done, _ = await asyncio.wait({task}, timeout=_STOP_GRACE)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task})
+
+    # -- drain -------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        t0 = time.monotonic()
+        budget = self.shutdown_timeout
+        deadline = t0 + budget
+        # 1. connectors: nothing new enters the bus after this
+        tasks = [d.task for d in self.devices.values() if d.task is not None and not d.task.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.1, deadline - time.monotonic()))
+            for t in pending:
+                log.warning("device task %s did not stop in time", t.get_name())
+        # 2. outlets: flush queued and buffered records, close sinks, in parallel
+        remaining = max(0.0, deadline - time.monotonic())
+        await asyncio.gather(*(self._stop_outlet(o, remaining) for o in self.outlets.values()))
+        elapsed = time.monotonic() - t0
+        self._log_drained(elapsed, budget)
+
+    def _log_drained(self, elapsed: float, budget: float) -> None:
+        emitted = 0
+        for d in self.devices.values():
+            emitted += d.emitted
+            extra = f" overruns={d.overruns}" if d.overruns is not None else ""
+            log.info(
+                "drained: device %s emitted=%d%s restarts=%d",
+                d.name,
+                d.emitted,
+                extra,
+                d.supervisor.status.restarts,
+            )
+        for o in self.outlets.values():
+            om = o.outlet.metrics()
+            log.info(
+                "drained: outlet %s in=%d encoded=%d invalid=%d non_finite=%d",
+                o.name,
+                om.get("records_in", 0),
+                om.get("records_encoded", 0),
+                om.get("encode_invalid", 0),
+                om.get("encode_non_finite", 0),
+            )
+            for ch in o.outlet.channels:
+                cm = ch.metrics()
+                log.info(
+                    "drained: sink %s delivered=%d undelivered=%d dropped=%d rejected=%d "
+                    "retries=%d",
+                    ch.name,
+                    cm.get("records_out", 0),
+                    cm.get("undelivered", 0),
+                    cm.get("dropped", 0),
+                    cm.get("rejected_records", 0),
+                    cm.get("retries", 0),
+                )
+        log.info(
+            "drained in %.2fs (budget %gs): devices emitted=%d, bus published=%d",
+            elapsed,
+            budget,
+            emitted,
+            self.bus.published,
+        )
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot for /metrics and the demo view: bus, devices and outlets."""
+        return {
+            "uptime_s": 0.0 if self.started_at is None else time.monotonic() - self.started_at,
+            "bus": {
+                "published": self.bus.published,
+                "unrouted": self.bus.unrouted,
+                "subscriptions": {
+                    s.name: {
+                        "queued": len(s),
+                        "received": s.received,
+                        "dropped": s.dropped,
+                        "blocked": s.blocked,
+                    }
+                    for s in self.bus.subscriptions
+                },
+            },
+            "devices": {name: d.metrics() for name, d in self.devices.items()},
+            "outlets": {name: o.metrics() for name, o in self.outlets.items()},
+        }
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _hard_exit() -> None:
+    logging.shutdown()
+    os._exit(1)
