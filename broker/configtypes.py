@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 from plantbus.broker.units import format_duration, parse_duration, parse_size
 
@@ -67,6 +67,15 @@ class BufferConfig(StrictModel):
     when_full: Literal["block", "drop_oldest", "drop_newest"] = "drop_oldest"
     sync_interval: Duration = 1.0
     path: Path | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _available(cls, kind: str) -> str:
+        # the disk buffer is its own piece of work (store-and-forward); until it lands,
+        # refuse it at `check` time rather than failing when the outlet is built
+        if kind == "disk":
+            raise ValueError("buffer kind 'disk' is not available in this version; use 'memory'")
+        return kind
 
 
 class TlsConfig(StrictModel):

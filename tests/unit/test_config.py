@@ -130,7 +130,7 @@ def test_relative_paths_resolve_against_the_file_that_names_them(tmp_path: Path)
 [[sinks.file]]
 name = "cell4"
 path = "out/cell4.lp"
-buffer = { kind = "disk", path = "buf" }
+buffer = { kind = "memory", path = "buf" }
 [[sinks.file]]
 name = "abs"
 path = "/tmp/abs.lp"
@@ -159,7 +159,7 @@ interval = "250ms"
 [defaults.sinks]
 flush_interval = "2s"
 queue = { size = 1000, policy = "drop_oldest" }
-buffer = { kind = "disk", path = "buffers" }
+buffer = { kind = "memory", path = "buffers" }
 """,
             "conf.d/a.toml": sim_device("slow", 'interval = "5s"\n')
             + sim_device("default")

@@ -94,7 +94,7 @@ flush_intervall = "1s"
         "unknown key in a nested sink table",
         {
             "plantbus.toml": '[[sinks.file]]\npath = "o.lp"\n'
-            'buffer = { kind = "disk", max_sise = "1GiB" }\n'
+            'buffer = { kind = "memory", max_sise = "1GiB" }\n'
         },
         ["plantbus.toml: sinks.file[0].buffer.max_sise: unknown key (did you mean 'max_size'?)"],
     ),
@@ -493,4 +493,15 @@ def test_check_config_never_raises(tmp_path: Path) -> None:
     write_tree(tmp_path, {"plantbus.toml": b"\x00\xff\xfe"})
     assert check_config(tmp_path / "plantbus.toml") == [
         "plantbus.toml: not UTF-8 text: invalid byte 0xff on line 1"
+    ]
+
+
+def test_disk_buffer_is_refused_until_it_exists(tmp_path):
+    from plantbus.broker.config import check_config
+
+    main = tmp_path / "plantbus.toml"
+    main.write_text('[[sinks.file]]\npath = "x.lp"\nbuffer = { kind = "disk" }\n')
+    assert check_config(main) == [
+        "plantbus.toml: sinks.file[0].buffer.kind: buffer kind 'disk' is not available in "
+        "this version; use 'memory'"
     ]
