@@ -82,8 +82,11 @@ class Record:
         time_ns: source timestamp if the device gives one, else read time (Unix ns).
         id: the record's UUIDv7 string (``plantbus.broker.ids``).
         quality: the worst quality of its points.
-        status: point -> source status code, for every point that is not Good
-            (``None`` when all are Good, which is the common case and costs nothing).
+        status: point -> status code, for every point that is not Good (``None`` when all
+            are Good, the common case, which costs nothing). Codes are OPC UA StatusCodes
+            (severity in the top two bits: 0b10 Bad, 0b01 Uncertain); connectors of other
+            protocols map their errors onto one (e.g. a Modbus exception to a Bad code that
+            carries the exception number in its low bits) and document the mapping.
     """
 
     __slots__ = ("fields", "id", "quality", "series", "status", "time_ns")
