@@ -1,0 +1,6 @@
+"""One module per scenario, each with ``main() -> dict`` printing its JSON line.
+
+``SCENARIOS`` is the order ``python -m bench`` runs them in.
+"""
+
+SCENARIOS = ("ids", "encode", "bus", "e2e_influx")
