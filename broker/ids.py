@@ -12,6 +12,7 @@ IDs of different nodes apart without coordination.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -24,7 +25,9 @@ _time_ns = time.time_ns
 
 _last_ms = -1
 _counter = 0
-_prefix = ""  # "tttttttt-tttt-" for _last_ms, formatted once per millisecond
+_prefix = ""  # "tttttttt-tttt-7" for _last_ms, formatted once per millisecond
+# variant bits + the low 14 counter bits, formatted once: most of an ID is table lookups
+_LOW = [f"{0x8000 | i:04x}-" for i in range(1 << 14)]
 
 
 def _advance(ms: int) -> None:
@@ -39,7 +42,7 @@ def _advance(ms: int) -> None:
             _last_ms += 1
             _counter = _getrandbits(25)
     h = f"{_last_ms:012x}"
-    _prefix = f"{h[:8]}-{h[8:]}-"
+    _prefix = f"{h[:8]}-{h[8:]}-7"
 
 
 def new_id() -> str:
@@ -51,7 +54,7 @@ def new_id() -> str:
     else:
         _advance(ms)
     c = _counter
-    return f"{_prefix}7{c >> 14:03x}-{0x8000 | (c & 0x3FFF):04x}-{_getrandbits(48):012x}"
+    return f"{_prefix}{c >> 14:03x}-{_LOW[c & 0x3FFF]}{_getrandbits(48):012x}"
 
 
 def new_ids(n: int) -> list[str]:
@@ -62,15 +65,23 @@ def new_ids(n: int) -> list[str]:
         _counter += 1
     else:
         _advance(ms)
+    rnd = os.urandom(6 * n).hex()  # the 48 random bits of every ID in one call
     out: list[str] = []
-    append = out.append
-    grb = _getrandbits
-    for _ in range(n):
-        if _counter > _COUNTER_MAX:
-            _advance(_last_ms)
+    low = _LOW
+    i = 0
+    while i < n:
         c = _counter
-        append(f"{_prefix}7{c >> 14:03x}-{0x8000 | (c & 0x3FFF):04x}-{grb(48):012x}")
-        _counter = c + 1
+        if c > _COUNTER_MAX:
+            _advance(_last_ms)
+            c = _counter
+        # a run of IDs that share the millisecond and the high 12 counter bits
+        lo = c & 0x3FFF
+        k = min(n - i, (1 << 14) - lo, _COUNTER_MAX + 1 - c)
+        head = f"{_prefix}{c >> 14:03x}-"
+        j = 12 * i
+        out += [head + low[lo + m] + rnd[j + 12 * m : j + 12 * m + 12] for m in range(k)]
+        i += k
+        _counter = c + k
     _counter -= 1  # the next call pre-increments
     return out
 

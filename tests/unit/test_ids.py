@@ -49,3 +49,14 @@ def test_counter_overflow_borrows_next_millisecond(monkeypatch):
     assert first < batch[0]
     assert all(a < b for a, b in pairwise(batch))
     assert ids.id_time_ms(batch[-1]) == frozen // 1_000_000 + 1
+
+
+def test_batch_crosses_the_low_counter_boundary(monkeypatch):
+    frozen = time.time_ns() + 10**12  # a millisecond no other test has used
+    monkeypatch.setattr(ids, "_time_ns", lambda: frozen)
+    ids.new_id()
+    monkeypatch.setattr(ids, "_counter", (1 << 14) - 3)
+    batch = ids.new_ids(10)
+    assert len(set(batch)) == 10
+    assert all(a < b for a, b in pairwise(batch))
+    assert all(uuid.UUID(u).version == 7 for u in batch)
