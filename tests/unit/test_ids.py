@@ -4,7 +4,18 @@ import time
 import uuid
 from itertools import pairwise
 
+import pytest
+
 from plantbus.broker import ids
+
+
+@pytest.fixture(autouse=True)
+def _restore_generator_state():
+    # tests that move the clock must not leave the process-wide generator in the future:
+    # later IDs would borrow that future millisecond (correct for a real clock step)
+    saved = (ids._last_ms, ids._counter, ids._prefix)
+    yield
+    ids._last_ms, ids._counter, ids._prefix = saved
 
 
 def test_million_ids_unique_and_strictly_increasing():
