@@ -7,6 +7,11 @@ as well as from a checkout. The demo writes only under its work folder (default
 paths the config names. ``--influx URL`` adds an ``influxdb`` sink writing to the database
 ``plantbus``.
 
+Protocol simulators join the demo through ``registry.DEMO_SIMULATORS``: each is a real
+protocol server run in-process (on a free loopback port) and read by that kind's real
+connector, so the demo shows the drivers at work. A simulator whose driver library is not
+installed (an optional extra) is left out with a note.
+
 In a terminal it shows a live view of topics, rates and last values (about 4 Hz); with
 ``--no-view`` or when stdout is not a terminal it prints a summary line every few seconds.
 Ctrl-C drains (the devices stop, the sinks flush) and exits 0; a second Ctrl-C forces it.
@@ -17,17 +22,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 from plantbus.broker.config import PlantbusConfig, SinkEntry, parse_config
 from plantbus.broker.liveview import LiveView
 from plantbus.broker.runtime import Runtime
 
-__all__ = ["DEMO_DATABASE", "Demo", "demo_config", "demo_config_text"]
+__all__ = [
+    "DEMO_DATABASE",
+    "Demo",
+    "DemoSimulator",
+    "demo_config",
+    "demo_config_text",
+    "load_simulators",
+]
 
 log = logging.getLogger("plantbus.demo")
 
@@ -35,6 +49,38 @@ DEMO_DATABASE = "plantbus"
 DEFAULT_WORKDIR = Path("var/demo")
 VIEW_INTERVAL = 0.25  # seconds between frames of the live view (~4 Hz)
 SUMMARY_EVERY = 5  # seconds between summary lines without the view
+
+
+class DemoSimulator(Protocol):
+    """An in-process protocol server for the demo and the device tables that read it.
+
+    Built by ``<module>.demo_simulator()``; it picks its free loopback port when built, so
+    its ``device_config`` is known before it starts.
+    """
+
+    name: str
+
+    def device_config(self) -> str:
+        """TOML ``[[devices.<kind>]]`` tables (topics under ``demo/``) reading this server."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def load_simulators() -> tuple[list[DemoSimulator], list[str]]:
+    """Build every registered demo simulator; returns them and notes on the ones left out."""
+    from plantbus.broker.registry import DEMO_SIMULATORS
+
+    sims: list[DemoSimulator] = []
+    notes: list[str] = []
+    for kind, module in sorted(DEMO_SIMULATORS.items()):
+        try:
+            sims.append(importlib.import_module(module).demo_simulator())
+        except ImportError as exc:
+            notes.append(f"{kind} simulator left out: {exc} (install plantbus[{kind}])")
+    return sims, notes
 
 
 def demo_config_text() -> str:
@@ -54,14 +100,21 @@ def _influx_table(url: str) -> str:
     )
 
 
-def demo_config(workdir: Path = DEFAULT_WORKDIR, influx: str | None = None) -> PlantbusConfig:
-    """The demo's config, relocated into ``workdir``, plus an InfluxDB sink for ``influx``.
+def demo_config(
+    workdir: Path = DEFAULT_WORKDIR,
+    influx: str | None = None,
+    simulators: list[DemoSimulator] | None = None,
+) -> PlantbusConfig:
+    """The demo's config, relocated into ``workdir``, plus an InfluxDB sink for ``influx``
+    and the device tables of ``simulators``.
 
     Raises:
         ConfigError: e.g. an invalid ``--influx`` URL (messages name ``demo.toml``).
     """
     workdir = workdir.absolute()
     text = demo_config_text()
+    for sim in simulators or ():
+        text += f"\n\n# added by the {sim.name} demo simulator\n{sim.device_config()}\n"
     if influx is not None:
         text += _influx_table(influx)
     config = parse_config(text, workdir / "demo.toml")
@@ -86,6 +139,7 @@ class Demo:
         duration: stop by itself after this many seconds (drain included).
         view: show the live view (only when stdout is a terminal).
         workdir: where the demo's files go.
+        simulators: run these protocol simulators (default: every registered one).
 
     Raises:
         ConfigError: the demo config (with ``--influx``) is invalid.
@@ -98,8 +152,14 @@ class Demo:
         duration: float | None = None,
         view: bool = True,
         workdir: Path = DEFAULT_WORKDIR,
+        simulators: list[DemoSimulator] | None = None,
     ):
-        self.config = demo_config(workdir, influx)
+        if simulators is None:
+            simulators, self._left_out = load_simulators()
+        else:
+            self._left_out = []
+        self.simulators = simulators
+        self.config = demo_config(workdir, influx, simulators)
         self.influx = influx
         self.duration = duration
         self.view = view and sys.stdout.isatty()
@@ -121,6 +181,8 @@ class Demo:
             out.append(f"sink influxdb: {self.influx} database {DEMO_DATABASE!r}")
         if self.duration:
             out.append(f"stops by itself after {self.duration:g}s")
+        out.extend(f"simulator: {sim.name}" for sim in self.simulators)
+        out.extend(self._left_out)
         out.append("Ctrl-C to stop (drains the sinks first)")
         return out
 
@@ -152,7 +214,12 @@ class Demo:
             )
         watcher = asyncio.create_task(self._watch(view), name="demo:view")
         try:
-            await runtime.run()
+            async with contextlib.AsyncExitStack() as stack:
+                for sim in self.simulators:
+                    await sim.start()
+                    stack.push_async_callback(sim.stop)
+                # simulators stop after the drain: the devices reading them stop first
+                await runtime.run()
         finally:
             if timer is not None:
                 timer.cancel()

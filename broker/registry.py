@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["DEVICE_KINDS", "SINK_KINDS", "load_device_module", "load_sink_module"]
+__all__ = [
+    "DEMO_SIMULATORS",
+    "DEVICE_KINDS",
+    "SINK_KINDS",
+    "load_device_module",
+    "load_sink_module",
+]
 
 DEVICE_KINDS: dict[str, str] = {
     "sim": "plantbus.connectors.sim",
@@ -15,6 +21,11 @@ SINK_KINDS: dict[str, str] = {
     "influxdb": "plantbus.broker.sinks.influxdb",
     "file": "plantbus.broker.sinks.file",
 }
+
+
+DEMO_SIMULATORS: dict[str, str] = {}
+"""Device kind -> module with ``demo_simulator() -> DemoSimulator`` (see broker/demo.py):
+an in-process protocol server that ``plantbus demo`` runs and reads with the real connector."""
 
 
 def _load(table: dict[str, str], kind: str, what: str) -> ModuleType:
