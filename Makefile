@@ -11,8 +11,8 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # strict editable installs map files, not folders: reinstall when a package folder changes
-$(STAMP): $(PY) pyproject.toml broker broker/sinks connectors connectors/sim codecs
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=strict
+$(STAMP): $(PY) pyproject.toml broker broker/sinks codecs $(wildcard connectors connectors/*/)
+	$(PY) -m pip install -q -e '.[test,all]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -137,7 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("var/demo"),
         help="where the demo writes its files (default: var/demo)",
     )
+    _add_discover(verbs, common)
     return parser
+
+
+def _add_discover(verbs: Any, common: argparse.ArgumentParser) -> None:
+    from plantbus.broker.registry import DISCOVERERS
+
+    if not DISCOVERERS:
+        return
+    p_disc = verbs.add_parser(
+        "discover",
+        parents=[common],
+        help="browse a device and print a ready conf.d snippet",
+        description="Browse or scan a device and print a conf.d snippet to start from.",
+    )
+    kinds = p_disc.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, module in sorted(DISCOVERERS.items()):
+        mod = importlib.import_module(module)
+        sub = kinds.add_parser(kind, parents=[common], help=(mod.__doc__ or "").split("\n")[0])
+        mod.add_arguments(sub)
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from plantbus.broker.connector import DiscoverError
+    from plantbus.broker.registry import DISCOVERERS
+
+    setup_logging(args.log_level or "warning")
+    mod = importlib.import_module(DISCOVERERS[args.kind])
+    try:
+        snippet = asyncio.run(mod.discover(args))
+    except DiscoverError as exc:
+        print(f"discover {args.kind}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(snippet, end="" if snippet.endswith("\n") else "\n")
+    return EXIT_OK
 
 
 def _positive_seconds(text: str) -> float:
@@ -237,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_check(args)
     if args.verb == "run":
         return _cmd_run(args)
+    if args.verb == "discover":
+        return _cmd_discover(args)
     return _cmd_demo(args)
 
 

@@ -17,7 +17,15 @@ from pydantic import Field
 from plantbus.broker.configtypes import Duration, StrictModel
 from plantbus.broker.record import FieldValue, Record
 
-__all__ = ["BuildContext", "Connector", "DeviceConfig", "Emit", "WritableConnector", "WriteResult"]
+__all__ = [
+    "BuildContext",
+    "Connector",
+    "DeviceConfig",
+    "DiscoverError",
+    "Emit",
+    "WritableConnector",
+    "WriteResult",
+]
 
 Emit = Callable[[list[Record]], Awaitable[None]]
 """Publish the records of one read (all of one topic). Awaiting it is back-pressure."""
@@ -51,6 +59,10 @@ class WritableConnector(Protocol):
     async def run(self, emit: Emit) -> None: ...
 
     async def write(self, points: Mapping[str, FieldValue]) -> WriteResult: ...
+
+
+class DiscoverError(Exception):
+    """``plantbus discover`` could not reach or read the device: a one-line reason (exit 1)."""
 
 
 class DeviceConfig(StrictModel):

@@ -8,6 +8,7 @@ from types import ModuleType
 __all__ = [
     "DEMO_SIMULATORS",
     "DEVICE_KINDS",
+    "DISCOVERERS",
     "SINK_KINDS",
     "load_device_module",
     "load_sink_module",
@@ -26,6 +27,13 @@ SINK_KINDS: dict[str, str] = {
 DEMO_SIMULATORS: dict[str, str] = {}
 """Device kind -> module with ``demo_simulator() -> DemoSimulator`` (see broker/demo.py):
 an in-process protocol server that ``plantbus demo`` runs and reads with the real connector."""
+
+
+DISCOVERERS: dict[str, str] = {}
+"""Device kind -> module for ``plantbus discover <kind>``. The module has
+``add_arguments(parser)`` (argparse; keep the module's imports light) and
+``async discover(args) -> str``: a ready conf.d snippet (TOML) for what it found; it raises
+``DiscoverError`` (``plantbus.broker.connector``) with a one-line message on failure."""
 
 
 def _load(table: dict[str, str], kind: str, what: str) -> ModuleType:
