@@ -17,6 +17,7 @@ whose config changed; everything else keeps running without a gap.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ __all__ = [
     "Runtime",
     "new_event_loop",
     "run_async",
+    "settle_gc",
 ]
 
 log = logging.getLogger("plantbus.runtime")
@@ -50,6 +52,19 @@ log = logging.getLogger("plantbus.runtime")
 DEVICE_BACKOFF = (0.5, 30.0)
 OUTLET_BACKOFF = (1.0, 30.0)
 """(initial, maximum) restart delays. Equal jitter: never a near-zero restart of a crash loop."""
+
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The garbage collector's thresholds while a runtime runs (the interpreter's are 700, 10, 10).
+
+Not a config key: nothing a user could tune it for. The hot path (records, their field dicts,
+encoded batches) makes no reference cycles, so reference counting frees all of it and the
+collector's passes find nothing there. With the default thresholds a generation-0 pass ran
+every ~700 surviving allocations and full passes over the up to 100k queued records held the
+event loop 30-120 ms (bench ``e2e_influx``: 7500 collections, 2.9 s in 20 s). A generation-0
+threshold of 50k surviving objects makes passes rare, and objects built at start-up are moved
+out of every pass (``gc.freeze``). Cycles made elsewhere (exceptions with tracebacks, HTTP
+clients) are still collected, just later.
+"""
 
 _STOP_GRACE = 2.0  # extra seconds an outlet's own bounded stop() gets before we stop waiting
 _FORCE_EXIT_AFTER = 3.0  # a forced exit that does not finish by then ends the process hard
@@ -72,6 +87,18 @@ def run_async(main: Any) -> Any:
     """Run the coroutine ``main`` to completion on a fresh (uvloop when present) loop."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main)
+
+
+def settle_gc() -> None:
+    """Collect once, then keep what is alive out of later collections (``GC_THRESHOLDS``).
+
+    Called when a runtime has been built and after a reload: what was frozen before is thawed
+    and collected with the rest, so components retired by a reload are freed.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _restart_backoff(spec: tuple[float, float]) -> Backoff:
@@ -364,6 +391,7 @@ class Runtime:
             self._install_signal_handlers()
         try:
             self.build()
+            settle_gc()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 # outlets first: their subscriptions must exist before the first record
@@ -518,6 +546,7 @@ class Runtime:
         await self._apply_sinks(new, ctx)
         await self._apply_devices(new, ctx)
         self.config = new
+        settle_gc()
 
     async def _apply_sinks(self, new: PlantbusConfig, ctx: BuildContext) -> None:
         wanted = [e for e in new.sinks if e.config.enabled]

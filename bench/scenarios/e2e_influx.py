@@ -228,8 +228,7 @@ async def run_once(
 
         counter = asyncio.create_task(count())
         await rt.start()
-        if _freeze_requested():
-            gc.freeze()
+        apply_gc_env()  # after the runtime's own settings (``settle_gc``), to override them
         (influx,) = [
             ch for h in rt.outlets.values() for ch in h.outlet.channels if ch.name == "influx"
         ]
@@ -283,26 +282,25 @@ async def run_once(
 
 
 def apply_gc_env() -> str:
-    """``BENCH_GC``: try garbage-collector settings the daemon does not (yet) make.
+    """``BENCH_GC``: try garbage-collector settings other than the runtime's.
 
     ``"700,10,10"`` sets ``gc.set_threshold``; a ``freeze`` item calls ``gc.freeze()``
-    once the runtime is built (moving start-up objects out of every collection), e.g.
-    ``BENCH_GC=freeze,50000,20,100``. Unset: the interpreter's (or the runtime's) settings.
+    once the runtime is built, e.g. ``BENCH_GC=freeze,50000,20,100``. Applied after the
+    runtime started (which sets ``GC_THRESHOLDS`` and freezes what it built); unset: the
+    runtime's settings.
     """
     spec = os.environ.get("BENCH_GC", "")
     items = [x.strip() for x in spec.split(",") if x.strip()]
     numbers = [int(x) for x in items if x != "freeze"]
     if numbers:
         gc.set_threshold(*numbers)
+    if "freeze" in items:
+        gc.freeze()
     return spec
 
 
-def _freeze_requested() -> bool:
-    return "freeze" in os.environ.get("BENCH_GC", "")
-
-
 async def _run() -> dict[str, Any]:
-    gc_spec = apply_gc_env()
+    gc_spec = os.environ.get("BENCH_GC", "")
     found = influx_from_env()
     if found is None:
         raise SystemExit("e2e_influx needs the runner's influxd: run `python -m bench e2e_influx`")

@@ -359,3 +359,24 @@ async def test_reload_with_an_outlet_that_cannot_be_built_leaves_sinks_as_they_w
     await wait_for(lambda: a.emitted > n + 200)
     await rt.shutdown()
     assert counters(RecordingSink.written["m1"], "a") == list(range(a.emitted))
+
+
+async def test_running_runtime_sets_gc_thresholds_and_freezes_what_it_built(
+    tmp_path: Path,
+) -> None:
+    import gc
+
+    from plantbus.broker.runtime import GC_THRESHOLDS
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        gc.unfreeze()
+        rt = Runtime(config(tmp_path, sim("a"), memory("mem")))
+        await rt.start()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        # start-up objects (config, devices, outlets) are out of every later collection
+        assert gc.get_freeze_count() > 0
+        await rt.shutdown()
+    finally:
+        gc.set_threshold(*saved)
