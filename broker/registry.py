@@ -21,6 +21,9 @@ DEVICE_KINDS: dict[str, str] = {
 SINK_KINDS: dict[str, str] = {
     "influxdb": "plantbus.broker.sinks.influxdb",
     "file": "plantbus.broker.sinks.file",
+    "mqtt": "plantbus.broker.sinks.mqtt",
+    "amqp": "plantbus.broker.sinks.amqp",
+    "kafka": "plantbus.broker.sinks.kafka",
 }
 
 
