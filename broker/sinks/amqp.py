@@ -225,6 +225,9 @@ class AmqpSink:
         from pamqp.commands import Basic
 
         todo = self._delivery.start(batch, self._splitter.split)
+        if not todo:  # every message was acknowledged by an earlier attempt
+            self._delivery.done()
+            return
         if not self._usable():
             await self.connect()  # raises RetryableSinkError while the broker is away
         cfg = self.config

@@ -271,6 +271,9 @@ class KafkaSink:
         from aiokafka.errors import KafkaError
 
         todo = self._delivery.start(batch, self._splitter.split)
+        if not todo:  # every message was acknowledged by an earlier attempt
+            self._delivery.done()
+            return
         if self._producer is None:
             await self.connect()
         producer = self._producer

@@ -291,6 +291,9 @@ class MqttSink:
     async def write(self, batch: EncodedBatch) -> None:
         """Publish the messages of ``batch`` and wait until the broker acknowledged all."""
         todo = self._delivery.start(batch, self._splitter.split)
+        if not todo:  # every message was acknowledged by an earlier attempt
+            self._delivery.done()
+            return
         if self._client is None or self._lost is not None:
             await self.connect()  # raises RetryableSinkError while the broker is away
         import paho.mqtt.client as mqtt

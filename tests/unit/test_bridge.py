@@ -252,3 +252,43 @@ def test_delivery_skips_acknowledged_and_counts_resent() -> None:
     assert (d.messages_out, d.records_out) == (3, 30)
     # the next batch starts afresh
     assert d.start(encoded(make(s, 5), seq=2), sp.split) == [0]
+
+
+def test_sample_configs_check(tmp_path: Path) -> None:
+    """The sample tables of broker/sinks/bridges.md load; tls paths resolve beside the file."""
+    from plantbus.broker.config import parse_config
+
+    text = """
+[node]
+name = "edge-07"
+
+[[sinks.mqtt]]
+url = "mqtts://broker.plant:8883"
+topic = "plantbus/{topic}"
+qos = 1
+username = "plantbus"
+password = "secret"
+tls = { ca = "ca.pem", certificate = "client.pem", private_key = "client.key" }
+subscribe = ["plant/#"]
+
+[[sinks.amqp]]
+url = "amqp://rabbit.plant:5672/"
+exchange = "plantbus"
+routing_key = "{topic}"
+subscribe = ["plant/#"]
+
+[[sinks.kafka]]
+bootstrap_servers = ["kafka1:9092", "kafka2:9092"]
+topic = "plant.{device}"
+key = "{device}"
+acks = "all"
+compression = "gzip"
+enable_idempotence = true
+subscribe = ["plant/#"]
+"""
+    config = parse_config(text, tmp_path / "plantbus.toml")
+    kinds = {s.kind: s.config for s in config.sinks}
+    assert set(kinds) == {"mqtt", "amqp", "kafka"}
+    assert kinds["mqtt"].tls.ca == tmp_path / "ca.pem"
+    assert kinds["mqtt"].password.get_secret_value() == "secret"
+    assert kinds["kafka"].compression == "gzip"
