@@ -16,6 +16,8 @@ __all__ = [
 
 DEVICE_KINDS: dict[str, str] = {
     "sim": "plantbus.connectors.sim",
+    "mqtt": "plantbus.connectors.mqtt",
+    "line": "plantbus.connectors.line",
 }
 
 SINK_KINDS: dict[str, str] = {
