@@ -16,6 +16,7 @@ __all__ = [
 
 DEVICE_KINDS: dict[str, str] = {
     "sim": "plantbus.connectors.sim",
+    "opcua": "plantbus.connectors.opcua",
     "mqtt": "plantbus.connectors.mqtt",
     "line": "plantbus.connectors.line",
 }
@@ -34,7 +35,9 @@ DEMO_SIMULATORS: dict[str, str] = {}
 an in-process protocol server that ``plantbus demo`` runs and reads with the real connector."""
 
 
-DISCOVERERS: dict[str, str] = {}
+DISCOVERERS: dict[str, str] = {
+    "opcua": "plantbus.connectors.opcua.discover",
+}
 """Device kind -> module for ``plantbus discover <kind>``. The module has
 ``add_arguments(parser)`` (argparse; keep the module's imports light) and
 ``async discover(args) -> str``: a ready conf.d snippet (TOML) for what it found; it raises

@@ -1,0 +1,644 @@
+"""The ``opcua`` device: polls or subscribes to variables of an OPC UA server (asyncua).
+
+One ``run`` holds the connection for the device's life: it connects (``connections``
+sessions), reads or subscribes until something fails, then drops the connection and connects
+afresh after a jittered backoff (``reconnect_initial`` … ``reconnect_max``). Every fault,
+a timeout included, ends with a new connection and new subscriptions, so a late answer is
+never taken for a newer request and a restarted server gets its monitored items back.
+
+Poll mode reads all points on a fixed-rate schedule with batched Read requests of
+DataValues, chunked by the server's ``MaxNodesPerRead`` (else ``chunk_size``), and emits the
+records of one read at once. Subscribe mode creates one subscription per session with one
+monitored item per point and emits the records of each publish response at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from asyncua import Client, ua
+from asyncua.ua.uaerrors import UaStatusCodeError
+
+from plantbus.broker.backoff import Backoff
+from plantbus.broker.connector import BuildContext, Emit
+from plantbus.broker.ids import new_id
+from plantbus.broker.record import Record, Series
+from plantbus.broker.supervisor import describe_error
+from plantbus.broker.topics import validate_topic
+from plantbus.connectors.opcua import session
+from plantbus.connectors.opcua.config import Config, NodeRef
+from plantbus.connectors.opcua.decode import BAD_NOT_CONNECTED, BAD_TIMEOUT, Decoder, quality_of
+from plantbus.connectors.opcua.security import ClientIdentity, SecurityError, load_identity
+
+__all__ = ["OpcUaConnector", "PublishHandler"]
+
+log = logging.getLogger("plantbus.opcua")
+
+BAD_SECURITY_CHECKS_FAILED = 0x80130000
+READ_WAVE = 16
+"""Read requests one session keeps in flight at most (chunks beyond wait their turn)."""
+SUBSCRIPTION_QUEUE = 64
+"""Publish responses decoded but not yet emitted; beyond, the publish loop waits (back-pressure)."""
+MIN_LIFETIME = 60.0
+"""Seconds a subscription outlives a silent client (e.g. held up by back-pressure)."""
+
+_NODE_TYPES = {
+    "i": ua.NodeIdType.Numeric,
+    "s": ua.NodeIdType.String,
+    "g": ua.NodeIdType.Guid,
+    "b": ua.NodeIdType.ByteString,
+}
+_UNKNOWN_NAMESPACE = 65535  # no server has it, so a point with an unknown URI reads as Bad
+_TIMESTAMPS = {
+    "source": ua.TimestampsToReturn.Both,  # source, falling back to the server's
+    "server": ua.TimestampsToReturn.Server,
+    "read": ua.TimestampsToReturn.Neither,
+}
+
+
+class PublishHandler(Protocol):
+    """Receives every publish response of one subscription (data changes or keep-alives)."""
+
+    async def on_publish(self, result: ua.PublishResult) -> None: ...
+
+
+class _Link:
+    """One session of the device and the slice of points it serves.
+
+    ``lost`` is shared by the sessions of one connection: any of them failing ends all.
+    """
+
+    def __init__(self, client: Client, points: range, lost: asyncio.Event):
+        self.client = client
+        self.points = points
+        self.reason = ""
+        self.lost = lost
+        self.requests: list[ua.ReadParameters] = []  # poll mode: the Read of its points
+
+    def lose(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+        self.lost.set()
+
+    def check(self) -> None:
+        if self.reason:
+            raise ConnectionError(self.reason)
+
+    async def read(self, requests: list[ua.ReadParameters], expected: int) -> list[ua.DataValue]:
+        """The results of ``requests`` (the chunks of one read), concatenated in order."""
+        read = self.client.uaclient.read
+        if len(requests) == 1:
+            out = await read(requests[0])
+        else:
+            out = []
+            for w in range(0, len(requests), READ_WAVE):
+                parts = await asyncio.gather(*(read(r) for r in requests[w : w + READ_WAVE]))
+                for part in parts:
+                    out.extend(part)
+        if len(out) != expected:
+            raise ConnectionError(f"the server answered {len(out)} values for {expected} nodes")
+        return out
+
+
+class _Subscriber:
+    """The ``PublishHandler`` of one session: decodes each response into one batch of records.
+
+    The batches go through a bounded queue to ``run``, which emits them; while the queue is
+    full this handler waits, and so does asyncua's publish loop (back-pressure up to the
+    server's queues). ``waiting`` tells the silence check that the quiet is ours.
+    """
+
+    def __init__(
+        self,
+        link: _Link,
+        names: Sequence[str],
+        decoder: Decoder,
+        queue: asyncio.Queue[tuple[list[Record], int]],
+        clock: Callable[[], float],
+        time_ns: Callable[[], int],
+    ):
+        self.link = link
+        self.names = names
+        self.decoder = decoder
+        self.queue = queue
+        self.clock = clock
+        self.time_ns = time_ns
+        self.last = clock()
+        self.silence = math.inf  # set from the revised publishing interval and keep-alive
+        self.waiting = False
+        self.responses = 0
+        self.subscription_id = 0
+        self.items: dict[int, int] = {}  # point index -> MonitoredItemId
+
+    async def on_publish(self, result: ua.PublishResult) -> None:
+        self.last = self.clock()
+        self.responses += 1
+        data = result.NotificationMessage.NotificationData
+        if not data:
+            return  # a keep-alive
+        try:
+            items: list[ua.MonitoredItemNotification] = []
+            for n in data:
+                if isinstance(n, ua.DataChangeNotification):
+                    items += n.MonitoredItems
+                elif isinstance(n, ua.StatusChangeNotification) and n.Status.value >= 0x80000000:
+                    self.link.lose(f"the subscription ended: {session.status_name(n.Status.value)}")
+                    return
+            if not items:
+                return
+            names = self.names
+            records = self.decoder.records(
+                ((names[it.ClientHandle], it.Value) for it in items), self.time_ns()
+            )
+        except Exception as e:  # never let asyncua swallow it: reconnect and say why
+            self.link.lose(f"cannot decode a publish response: {describe_error(e)}")
+            return
+        self.waiting = True
+        try:
+            await self.queue.put((records, len(items)))
+        finally:
+            self.waiting = False
+            self.last = self.clock()
+
+    def check(self) -> None:
+        if not self.waiting and self.clock() - self.last > self.silence:
+            raise TimeoutError(f"no publish response (data or keep-alive) for {self.silence:.1f}s")
+
+
+def _schedule_sleep(
+    interval: float, start: float, k: int, now: float
+) -> tuple[int, float, bool, int]:
+    """Fixed-rate schedule: (next k, seconds to sleep, overran, ticks skipped)."""
+    late = now - (start + k * interval)
+    if late > 0:
+        skip = int(late // interval)
+        return k + skip, 0.0, True, skip
+    return k, -late, False, 0
+
+
+class OpcUaConnector:
+    """Reads the configured points of one OPC UA server (see the module doc).
+
+    Attributes:
+        name: the device name.
+        series: the one Series of all its records.
+        point_names: field names, in config order.
+        connected: a session is up and serving.
+        connects: connections established (the first one included).
+        last_error: the latest fault, ``"Type: message"``.
+        polls: reads completed (poll mode) or publish responses with data emitted
+            (subscribe mode).
+        emitted: records whose emit returned.
+        values: point values received (Good or not).
+        overruns: polls that ended after the next one was due; ``missed``: polls skipped.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        ctx: BuildContext,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        time_ns: Callable[[], int] = time.time_ns,
+    ):
+        """Build the device; reads the security files now, so their faults stop the start.
+
+        Raises:
+            SecurityError: a certificate, key or trust file cannot be used.
+        """
+        self.name = config.name
+        self.config = config
+        topic = ctx.topic(config)
+        validate_topic(topic)
+        self.series = Series(topic, ctx.measurement(config), ctx.series_tags(config))
+        self.point_names: tuple[str, ...] = tuple(p.name for p in config.points)
+        self.refs: tuple[NodeRef, ...] = tuple(p.ref for p in config.points)
+        self.identity: ClientIdentity | None = (
+            load_identity(config.security) if config.security is not None else None
+        )
+        self.decoder = Decoder(self.series, config.timestamp)
+        self.interval = float(config.interval)
+        self.timeout = float(config.timeout)
+        self._clock = clock
+        self._time_ns = time_ns
+        self._split = self._slices(len(self.point_names), config.connections)
+        self._node_ids: list[ua.NodeId] = []  # resolved on each connect (nsu= lookups)
+        self._limits = (0, 0)  # the server's MaxNodesPerRead, MaxMonitoredItemsPerCall
+        self.connected = False
+        self.connects = 0
+        self.last_error: str | None = None
+        self.polls = 0
+        self.emitted = 0
+        self.values = 0
+        self.overruns = 0
+        self.missed = 0
+        session.quiet_library_logs()
+
+    @staticmethod
+    def _slices(n: int, parts: int) -> list[range]:
+        size, extra = divmod(n, parts)
+        out, start = [], 0
+        for i in range(parts):
+            end = start + size + (1 if i < extra else 0)
+            out.append(range(start, end))
+            start = end
+        return out
+
+    # -- the life of the device ----------------------------------------------------------------
+
+    async def run(self, emit: Emit) -> None:
+        """Connect, read or subscribe, and reconnect after any fault, until cancelled."""
+        cfg = self.config
+        backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max, jitter="equal")
+        reported_down = False  # one all-Bad record per outage, not one per attempt
+        healthy = False
+
+        def on_healthy() -> None:
+            nonlocal healthy, reported_down
+            if not healthy:
+                healthy = True
+                reported_down = False
+                backoff.reset()
+
+        while True:
+            links: list[_Link] = []
+            healthy = False
+            try:
+                links = await self._connect()
+                self.connected = True
+                self.connects += 1
+                if cfg.mode == "poll":
+                    await self._poll(links, emit, on_healthy)
+                else:
+                    await self._subscribe(links, emit, on_healthy)
+            except asyncio.CancelledError:
+                self.connected = False
+                await asyncio.gather(
+                    *(session.close(link.client, min(self.timeout, 2.0)) for link in links)
+                )
+                raise
+            except Exception as exc:
+                was_connected = self.connected
+                self.connected = False
+                self.last_error = describe_error(exc)
+                await asyncio.gather(*(session.drop(link.client) for link in links))
+                delay = backoff.next()
+                what = "connection lost" if was_connected else "cannot connect"
+                log.warning(
+                    "opcua %s: %s to %s: %s; reconnecting in %.1fs",
+                    self.name,
+                    what,
+                    cfg.url,
+                    self.last_error,
+                    delay,
+                )
+                if not reported_down:
+                    reported_down = True
+                    await emit(
+                        [self.decoder.all_bad(self.point_names, _fault_code(exc), self._time_ns())]
+                    )
+                await asyncio.sleep(delay)
+
+    async def _connect(self) -> list[_Link]:
+        """Open every session (in parallel) and prepare it; all or none."""
+        cfg = self.config
+        links: list[_Link] = []
+        lost = asyncio.Event()
+
+        async def one(points: range) -> None:
+            link: _Link | None = None
+
+            async def on_lost(exc: Exception) -> None:
+                if link is not None:
+                    link.lose(f"connection lost: {describe_error(exc)}")
+
+            client = await session.open_session(
+                cfg.url,
+                request_timeout=self.timeout,
+                client_name=f"plantbus {self.name}",
+                username=cfg.username,
+                password=cfg.password.get_secret_value() if cfg.password else None,
+                identity=self.identity,
+                on_lost=on_lost,
+            )
+            link = _Link(client, points, lost)
+            links.append(link)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for points in self._split:
+                    group.create_task(one(points))
+            links.sort(key=lambda link: link.points.start)
+            first = links[0].client
+            self._node_ids = await self._resolve(first)
+            self._limits = await self._operation_limits(first)
+        except BaseException as exc:
+            await asyncio.gather(*(session.drop(link.client) for link in links))
+            if isinstance(exc, BaseExceptionGroup):
+                # the sessions fail alike (same server, same settings): report the first
+                raise exc.exceptions[0] from None
+            raise
+        security = f"{self.identity.policy}/{self.identity.mode}" if self.identity else "None"
+        log.info(
+            "opcua %s: connected to %s (security %s, %d session%s, MaxNodesPerRead %s)",
+            self.name,
+            cfg.url,
+            security,
+            len(links),
+            "" if len(links) == 1 else "s",
+            self._limits[0] or "not published",
+        )
+        return links
+
+    async def _resolve(self, client: Client) -> list[ua.NodeId]:
+        """The points' NodeIds; ``nsu=`` URIs looked up in the server's namespace array."""
+        uris = {r.namespace for r in self.refs if isinstance(r.namespace, str)}
+        index: dict[str, int] = {}
+        if uris:
+            array = await client.get_namespace_array()
+            for uri in sorted(uris):
+                if uri in array:
+                    index[uri] = array.index(uri)
+                else:
+                    index[uri] = _UNKNOWN_NAMESPACE
+                    log.warning(
+                        "opcua %s: the server has no namespace %r; its points read as Bad",
+                        self.name,
+                        uri,
+                    )
+        out = []
+        for r in self.refs:
+            ns = index[r.namespace] if isinstance(r.namespace, str) else r.namespace
+            out.append(ua.NodeId(r.value, ns, _NODE_TYPES[r.kind]))
+        return out
+
+    async def _operation_limits(self, client: Client) -> tuple[int, int]:
+        """(MaxNodesPerRead, MaxMonitoredItemsPerCall) as the server publishes them, else 0."""
+        ids = (
+            ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
+            ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
+        )
+        params = ua.ReadParameters(
+            NodesToRead=[
+                ua.ReadValueId(NodeId=ua.NodeId(i), AttributeId=ua.AttributeIds.Value) for i in ids
+            ]
+        )
+        values = await client.uaclient.read(params)
+        out = []
+        for dv in values:
+            v = dv.Value.Value if dv.Value is not None else None
+            good = dv.StatusCode is None or dv.StatusCode.value < 0x40000000
+            out.append(v if good and type(v) is int and v > 0 else 0)
+        return out[0], out[1]
+
+    def _chunk(self, server_limit: int) -> int:
+        return server_limit or self.config.chunk_size
+
+    def _read_requests(
+        self, ids: list[ua.NodeId], attribute: int, timestamps: int
+    ) -> list[ua.ReadParameters]:
+        """Read requests of ``attribute`` of ``ids``, chunked by MaxNodesPerRead (else
+        ``chunk_size``); built once per connection and sent as they are on every poll."""
+        chunk = self._chunk(self._limits[0])
+        return [
+            ua.ReadParameters(
+                MaxAge=0,
+                TimestampsToReturn=timestamps,
+                NodesToRead=[ua.ReadValueId(NodeId=n, AttributeId=attribute) for n in part],
+            )
+            for part in (ids[c : c + chunk] for c in range(0, len(ids), chunk))
+        ]
+
+    # -- poll ---------------------------------------------------------------------------------
+
+    async def _poll(self, links: list[_Link], emit: Emit, healthy: Callable[[], None]) -> None:
+        ts = _TIMESTAMPS[self.config.timestamp]
+        for link in links:
+            ids = [self._node_ids[i] for i in link.points]
+            link.requests = self._read_requests(ids, ua.AttributeIds.Value, ts)
+        names = self.point_names
+        decoder, clock, time_ns, interval = self.decoder, self._clock, self._time_ns, self.interval
+        lost = links[0].lost
+        single = links[0] if len(links) == 1 else None
+        start = clock()
+        k = 0
+        while True:
+            for link in links:
+                link.check()
+            read_ns = time_ns()
+            if single is not None:
+                values = await single.read(single.requests, len(single.points))
+            else:
+                values = []
+                reads = (link.read(link.requests, len(link.points)) for link in links)
+                for part in await asyncio.gather(*reads):
+                    values.extend(part)
+            records = decoder.records(zip(names, values, strict=True), read_ns)
+            await emit(records)
+            self.polls += 1
+            self.emitted += len(records)
+            self.values += len(values)
+            healthy()
+            if interval <= 0:
+                await asyncio.sleep(0)
+                continue
+            k, pause, overran, skipped = _schedule_sleep(interval, start, k + 1, clock())
+            if overran:
+                self.overruns += 1
+                self.missed += skipped
+                await asyncio.sleep(0)
+                continue
+            # a connection found broken (asyncua's watchdog) ends the wait at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), pause)
+
+    # -- subscribe ----------------------------------------------------------------------------
+
+    async def _subscribe(self, links: list[_Link], emit: Emit, healthy: Callable[[], None]) -> None:
+        queue: asyncio.Queue[tuple[list[Record], int]] = asyncio.Queue(SUBSCRIPTION_QUEUE)
+        subscribers = []
+        gone: dict[int, int] = {}  # point index -> Bad code: nodes without a monitored item
+        for link in links:
+            sub = _Subscriber(
+                link, self.point_names, self.decoder, queue, self._clock, self._time_ns
+            )
+            await self._create_subscription(sub)
+            gone.update(await self._add_items(sub, link.points))
+            subscribers.append(sub)
+        if gone:
+            await emit(self._marked_bad(gone, "the server refused"))
+        verify_every = self.config.verify_interval
+        next_verify = self._clock() + verify_every
+        period = min(1.0, self.timeout / 2)  # how often the silence of the server is checked
+        if verify_every > 0:
+            period = min(period, verify_every)
+        while True:
+            try:
+                records, count = await asyncio.wait_for(queue.get(), period)
+            except TimeoutError:
+                records, count = [], 0
+            for link in links:
+                link.check()
+            for sub in subscribers:
+                sub.check()
+            if records:
+                await emit(records)
+                self.polls += 1
+                self.emitted += len(records)
+                self.values += count
+                healthy()
+            elif any(s.responses for s in subscribers):
+                healthy()
+            if verify_every > 0 and self._clock() >= next_verify:
+                await self._verify(subscribers, gone, emit)
+                next_verify = self._clock() + verify_every
+
+    async def _create_subscription(self, sub: _Subscriber) -> None:
+        # the server sends a keep-alive after this many empty publishing intervals, so a
+        # silence longer than keep-alive + timeout means the server stopped answering
+        keepalive = max(1, math.ceil(self.timeout / 2 / self.interval))
+        lifetime = max(3 * keepalive, math.ceil(MIN_LIFETIME / self.interval))
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=self.interval * 1000,
+            RequestedLifetimeCount=lifetime,
+            RequestedMaxKeepAliveCount=keepalive,
+            MaxNotificationsPerPublish=0,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        handler: PublishHandler = sub
+        result = await sub.link.client.uaclient.create_subscription(params, handler.on_publish)
+        sub.subscription_id = result.SubscriptionId
+        revised = max(result.RevisedPublishingInterval, 1.0) / 1000
+        sub.silence = revised * max(result.RevisedMaxKeepAliveCount, 1) + self.timeout
+        sub.last = self._clock()
+
+    async def _add_items(self, sub: _Subscriber, indices: Sequence[int]) -> dict[int, int]:
+        """Create the monitored items of ``indices``; returns {index: code} of the refused."""
+        ts = _TIMESTAMPS[self.config.timestamp]
+        items = [self._item(i) for i in indices]
+        chunk = self._chunk(self._limits[1])
+        refused = {}
+        for c in range(0, len(items), chunk):
+            batch = items[c : c + chunk]
+            created = await sub.link.client.uaclient.create_monitored_items(
+                ua.CreateMonitoredItemsParameters(
+                    SubscriptionId=sub.subscription_id,
+                    TimestampsToReturn=ts,
+                    ItemsToCreate=batch,
+                )
+            )
+            for item, res in zip(batch, created, strict=True):
+                index = item.RequestedParameters.ClientHandle
+                if res.StatusCode.value >= 0x80000000:
+                    refused[index] = res.StatusCode.value
+                else:
+                    sub.items[index] = res.MonitoredItemId
+        return refused
+
+    async def _verify(
+        self, subscribers: list[_Subscriber], gone: dict[int, int], emit: Emit
+    ) -> None:
+        """Check that every monitored node still exists, and follow the address space.
+
+        A server should report a deleted node on its monitored item, but not every one does
+        (asyncua's own server drops the notification), which would leave the point silently
+        stale. One Read of every node's NodeClass tells: a node that is gone is marked Bad; a
+        node that is back (or appeared since its item was refused) gets a new monitored item.
+        """
+        lost: dict[int, int] = {}
+        for sub in subscribers:
+            link = sub.link
+            indices = list(link.points)
+            requests = self._read_requests(
+                [self._node_ids[i] for i in indices],
+                ua.AttributeIds.NodeClass,
+                ua.TimestampsToReturn.Neither,
+            )
+            values = await link.read(requests, len(indices))
+            back = []
+            for i, dv in zip(indices, values, strict=True):
+                code = dv.StatusCode.value if dv.StatusCode is not None else 0
+                if code >= 0x80000000:
+                    if i not in gone:
+                        lost[i] = gone[i] = code
+                elif i in gone:
+                    back.append(i)
+            if back:
+                stale = [sub.items.pop(i) for i in back if i in sub.items]
+                if stale:
+                    await link.client.uaclient.delete_monitored_items(
+                        ua.DeleteMonitoredItemsParameters(
+                            SubscriptionId=sub.subscription_id, MonitoredItemIds=stale
+                        )
+                    )
+                refused = await self._add_items(sub, back)
+                for i in back:
+                    if i not in refused:
+                        del gone[i]
+                log.info(
+                    "opcua %s: monitoring again: %s",
+                    self.name,
+                    ", ".join(self.point_names[i] for i in back if i not in refused),
+                )
+        if lost:
+            await emit(self._marked_bad(lost, "nodes are gone from the server:"))
+
+    def _item(self, index: int) -> ua.MonitoredItemCreateRequest:
+        cfg = self.config
+        point = cfg.points[index]
+        sampling = point.sampling_interval
+        if sampling is None:
+            sampling = cfg.sampling_interval if cfg.sampling_interval is not None else self.interval
+        queue = point.queue_size or cfg.queue_size
+        if queue is None:
+            # enough to keep every sample taken between two publishes
+            queue = max(1, min(10_000, math.ceil(self.interval / sampling))) if sampling else 1
+        flt = None
+        if point.deadband is not None:
+            flt = ua.DataChangeFilter(
+                Trigger=ua.DataChangeTrigger.StatusValue,
+                DeadbandType=ua.DeadbandType.Absolute,
+                DeadbandValue=point.deadband,
+            )
+        return ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(
+                NodeId=self._node_ids[index], AttributeId=ua.AttributeIds.Value
+            ),
+            MonitoringMode=ua.MonitoringMode.Reporting,
+            RequestedParameters=ua.MonitoringParameters(
+                ClientHandle=index,
+                SamplingInterval=sampling * 1000,
+                Filter=flt,
+                QueueSize=queue,
+                DiscardOldest=True,
+            ),
+        )
+
+    def _marked_bad(self, codes: dict[int, int], why: str) -> list[Record]:
+        """One record (no fields) marking the points of ``codes`` Bad, and a log line."""
+        shown = list(codes.items())[:10]
+        names = ", ".join(f"{self.point_names[i]} ({session.status_name(c)})" for i, c in shown)
+        more = f" and {len(codes) - 10} more" if len(codes) > 10 else ""
+        log.warning("opcua %s: %s %s%s", self.name, why, names, more)
+        record = Record(self.series, {}, self._time_ns(), new_id())
+        for i, code in codes.items():
+            record.mark(self.point_names[i], quality_of(code), code)
+        return [record]
+
+
+def _fault_code(exc: BaseException) -> int:
+    """The status code an outage marks every point with."""
+    if isinstance(exc, SecurityError):
+        return BAD_SECURITY_CHECKS_FAILED
+    if isinstance(exc, UaStatusCodeError) and exc.code >= 0x80000000:
+        return int(exc.code)
+    if isinstance(exc, TimeoutError):
+        return BAD_TIMEOUT
+    return BAD_NOT_CONNECTED
