@@ -16,6 +16,7 @@ __all__ = [
 
 DEVICE_KINDS: dict[str, str] = {
     "sim": "plantbus.connectors.sim",
+    "modbus": "plantbus.connectors.modbus",
     "opcua": "plantbus.connectors.opcua",
     "mqtt": "plantbus.connectors.mqtt",
     "line": "plantbus.connectors.line",
@@ -37,6 +38,7 @@ an in-process protocol server that ``plantbus demo`` runs and reads with the rea
 
 DISCOVERERS: dict[str, str] = {
     "opcua": "plantbus.connectors.opcua.discover",
+    "modbus": "plantbus.connectors.modbus.discover",
 }
 """Device kind -> module for ``plantbus discover <kind>``. The module has
 ``add_arguments(parser)`` (argparse; keep the module's imports light) and

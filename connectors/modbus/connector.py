@@ -1,0 +1,238 @@
+"""The ``modbus`` device: polls a unit over TCP, RTU or RTU-over-TCP on a fixed-rate schedule.
+
+Each poll issues the planned reads (see ``planner``) on the device's shared link (see
+``link``) and emits one record with one field per point. Points whose read failed are
+marked Bad with the fault's StatusCode (``status``) and left out of the fields, so the
+other points of the poll are still delivered.
+
+* A Modbus exception marks the points of that read only. An "illegal data address" on a
+  read that spans unused registers (``max_gap``) splits it into gap-free reads, at once
+  and for every later poll: the device does not map everything between the points.
+* A timeout or a broken connection ends the poll: its remaining points are marked with the
+  same code (the link was torn down; see ``link``). The next poll reconnects. After
+  ``SILENT_POLLS`` polls in a row without any reply, ``run`` raises, and the runtime's
+  supervisor backs off before it polls again, so a dead unit does not hog a shared bus.
+* When no connection can be made, ``run`` raises for the supervisor to back off (with
+  jitter; the link itself also spaces its connection attempts), never a busy loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from plantbus.broker.connector import BuildContext, Emit
+from plantbus.broker.ids import new_id
+from plantbus.broker.record import Quality, Record, Series
+from plantbus.broker.topics import validate_topic
+from plantbus.connectors.modbus.codec import resolve_points
+from plantbus.connectors.modbus.config import Config
+from plantbus.connectors.modbus.link import (
+    Link,
+    LinkError,
+    ModbusExceptionResponse,
+    NotConnected,
+    link_for,
+)
+from plantbus.connectors.modbus.planner import Read, plan, split_gaps
+
+__all__ = ["SILENT_POLLS", "DeviceSilent", "ModbusConnector", "build"]
+
+log = logging.getLogger("plantbus.connectors.modbus")
+
+SILENT_POLLS = 3
+"""Polls in a row without any reply after which ``run`` raises (the supervisor backs off)."""
+
+ILLEGAL_DATA_ADDRESS = 2
+
+
+class DeviceSilent(Exception):
+    """The unit answered none of the last ``SILENT_POLLS`` polls."""
+
+
+class ModbusConnector:
+    """One Modbus unit, polled on a fixed-rate schedule.
+
+    State that must survive a restart by the supervisor (the plan, the counters, the last
+    timestamp) lives on this object.
+
+    Attributes:
+        name: the device name.
+        series: the one Series all records of this device share.
+        reads: the current plan (one entry per request each poll).
+        link: the shared connection.
+        polls: polls whose record was emitted.
+        requests: requests this device sent.
+        failed_reads: reads that got no data (exception, timeout, lost connection).
+        overruns: polls that ended after the next one was due.
+        missed: scheduled polls skipped because of overruns.
+        splits: merged reads split after the device refused their unused registers.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        ctx: BuildContext,
+        *,
+        link: Link | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        time_ns: Callable[[], int] = time.time_ns,
+    ):
+        """Build the device (no I/O).
+
+        Args:
+            config: the validated device config.
+            ctx: node name and tags, for the topic, measurement and tags.
+            link: the connection to use (default: the shared link of its endpoint).
+            clock / sleep: monotonic seconds and the matching sleep, for the schedule.
+            time_ns: wall-clock Unix ns for record timestamps.
+
+        Raises:
+            ValueError: the topic is invalid, or another device on the same serial port
+                uses different line settings.
+        """
+        self.name = config.name
+        self.config = config
+        topic = ctx.topic(config)
+        validate_topic(topic)
+        self.series = Series(topic, ctx.measurement(config), ctx.series_tags(config))
+        self.points = resolve_points(config)
+        self.reads: list[Read] = plan(
+            self.points, max_registers=config.max_registers_per_request, max_gap=config.max_gap
+        )
+        self.link = link if link is not None else link_for(config)
+        self.unit = config.unit
+        self.timeout = float(config.timeout)
+        self.frame_delay = config.effective_frame_delay()
+        self.interval = float(config.interval)
+        self._clock = clock
+        self._sleep = sleep
+        self._time_ns = time_ns
+        self._last_ns = 0
+        self._silent = 0
+        self.polls = 0
+        self.requests = 0
+        self.failed_reads = 0
+        self.overruns = 0
+        self.missed = 0
+        self.splits = 0
+
+    def plan_text(self) -> list[str]:
+        """The current plan, one ``holding 0-9 (10): a, b`` line per read."""
+        return [f"{r.describe()}: {', '.join(p.name for p in r.points)}" for r in self.reads]
+
+    async def poll(self) -> Record:
+        """Issue every read of the plan once and return the poll's record.
+
+        Raises:
+            NotConnected: no connection could be made before any point was read.
+        """
+        t = self._time_ns()
+        if t <= self._last_ns:
+            t = self._last_ns + 1
+        self._last_ns = t
+        fields: dict[str, object] = {}
+        failed: list[tuple[Read, int]] = []
+        fatal: LinkError | None = None
+        answered = False
+        link, unit, timeout, delay = self.link, self.unit, self.timeout, self.frame_delay
+        reads = self.reads
+        i = 0
+        while i < len(reads):
+            read = reads[i]
+            i += 1
+            if fatal is not None:
+                failed.append((read, fatal.status))
+                continue
+            self.requests += 1
+            try:
+                data = await link.read(
+                    self, unit, read.area, read.address, read.count, timeout, delay
+                )
+            except ModbusExceptionResponse as exc:
+                answered = True
+                if exc.exception_code == ILLEGAL_DATA_ADDRESS and read.unused:
+                    parts = split_gaps(read, self.config.max_registers_per_request)
+                    log.warning(
+                        "device %s: %s refused a read spanning unused registers (%s); "
+                        "reading %s instead",
+                        self.name,
+                        self.link.label,
+                        read.describe(),
+                        ", ".join(r.describe() for r in parts),
+                    )
+                    self.splits += 1
+                    reads = self.reads = [*reads[: i - 1], *parts, *reads[i:]]
+                    i -= 1  # read the parts now
+                    continue
+                failed.append((read, exc.status))
+                continue
+            except NotConnected as exc:
+                if not answered:
+                    raise
+                fatal = exc
+                failed.append((read, exc.status))
+                continue
+            except LinkError as exc:
+                log.warning("device %s: %s", self.name, exc)
+                fatal = exc
+                failed.append((read, exc.status))
+                continue
+            answered = True
+            read.decode(data, fields)
+        record = Record(self.series, fields, t, new_id())  # type: ignore[arg-type]
+        if failed:
+            self.failed_reads += len(failed)
+            for read, code in failed:
+                for p in read.points:
+                    record.mark(p.name, Quality.BAD, code)
+        self._silent = 0 if answered else self._silent + 1
+        return record
+
+    async def run(self, emit: Emit) -> None:
+        """Poll and emit one record per poll until cancelled.
+
+        The schedule is fixed-rate on the monotonic clock, as the ``sim`` device's: poll k
+        is due at ``start + k × interval``; a poll that ends after the next was due counts
+        an overrun and the polls whose time has passed are skipped (``missed``). An
+        interval of 0 polls as fast as the device answers.
+
+        Raises:
+            NotConnected: no connection (the supervisor backs off and calls ``run`` again).
+            DeviceSilent: no reply in ``SILENT_POLLS`` polls in a row.
+        """
+        async with self.link.use():
+            interval, clock = self.interval, self._clock
+            start = clock()
+            k = 0
+            while True:
+                record = await self.poll()
+                await emit([record])
+                self.polls += 1
+                if self._silent >= SILENT_POLLS:
+                    self._silent = 0
+                    raise DeviceSilent(
+                        f"{self.link.label} unit {self.unit} answered none of the last "
+                        f"{SILENT_POLLS} polls"
+                    )
+                if interval <= 0:
+                    await self._sleep(0)
+                    continue
+                k += 1
+                late = clock() - (start + k * interval)
+                if late > 0:
+                    self.overruns += 1
+                    skip = int(late // interval)
+                    self.missed += skip
+                    k += skip
+                    await self._sleep(0)  # let the rest of the loop run even when behind
+                else:
+                    await self._sleep(-late)
+
+
+def build(config: Config, ctx: BuildContext) -> ModbusConnector:
+    """Build a ``modbus`` device from its config (no I/O; pymodbus is loaded on connect)."""
+    return ModbusConnector(config, ctx)
