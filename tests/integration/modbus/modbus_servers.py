@@ -249,6 +249,15 @@ class ServerThread:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even without its teardown
+    (a killed pytest would otherwise leave socat running)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class SocatPair:
     """Two linked ptys (``a`` and ``b``) from ``socat``, as a serial line with two ends."""
 
@@ -265,6 +274,7 @@ class SocatPair:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while not (os.path.exists(self.a) and os.path.exists(self.b)):
