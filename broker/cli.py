@@ -155,7 +155,12 @@ def _add_discover(verbs: Any, common: argparse.ArgumentParser) -> None:
     )
     kinds = p_disc.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind, module in sorted(DISCOVERERS.items()):
-        mod = importlib.import_module(module)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            # a broken or missing discover module must not take `run` and `check` down
+            log.debug("discover %s unavailable: %s", kind, exc)
+            continue
         sub = kinds.add_parser(kind, parents=[common], help=(mod.__doc__ or "").split("\n")[0])
         mod.add_arguments(sub)
 
