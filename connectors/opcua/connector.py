@@ -289,7 +289,7 @@ class OpcUaConnector:
                 self.last_error = describe_error(exc)
                 await asyncio.gather(*(session.drop(link.client) for link in links))
                 delay = backoff.next()
-                what = "connection lost" if was_connected else "cannot connect"
+                what = "lost the connection" if was_connected else "cannot connect"
                 log.warning(
                     "opcua %s: %s to %s: %s; reconnecting in %.1fs",
                     self.name,
@@ -331,18 +331,21 @@ class OpcUaConnector:
             links.append(link)
 
         try:
-            async with asyncio.TaskGroup() as group:
-                for points in self._split:
-                    group.create_task(one(points))
+            # gather, not a TaskGroup: on Python 3.11 a TaskGroup whose child fails while it
+            # waits leaves a cancellation counted on this task, which would later read as a
+            # request to stop (see _stop_if_cancelled)
+            results = await asyncio.gather(
+                *(one(points) for points in self._split), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]  # the sessions fail alike (same server, same settings)
             links.sort(key=lambda link: link.points.start)
             first = links[0].client
             self._node_ids = await self._resolve(first)
             self._limits = await self._operation_limits(first)
-        except BaseException as exc:
+        except BaseException:
             await asyncio.gather(*(session.drop(link.client) for link in links))
-            if isinstance(exc, BaseExceptionGroup):
-                # the sessions fail alike (same server, same settings): report the first
-                raise exc.exceptions[0] from None
             raise
         security = f"{self.identity.policy}/{self.identity.mode}" if self.identity else "None"
         log.info(
@@ -426,9 +429,11 @@ class OpcUaConnector:
         decoder, clock, time_ns, interval = self.decoder, self._clock, self._time_ns, self.interval
         lost = links[0].lost
         single = links[0] if len(links) == 1 else None
+        me = asyncio.current_task()
         start = clock()
         k = 0
         while True:
+            _stop_if_cancelled(me)
             for link in links:
                 link.check()
             read_ns = time_ns()
@@ -454,9 +459,12 @@ class OpcUaConnector:
                 self.missed += skipped
                 await asyncio.sleep(0)
                 continue
-            # a connection found broken (asyncua's watchdog) ends the wait at once
+            # a connection found broken (asyncua's watchdog) ends the wait at once.
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as its awaitable completes, and the device would not stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await lost.wait()
 
     # -- subscribe ----------------------------------------------------------------------------
 
@@ -478,9 +486,12 @@ class OpcUaConnector:
         period = min(1.0, self.timeout / 2)  # how often the silence of the server is checked
         if verify_every > 0:
             period = min(period, verify_every)
+        me = asyncio.current_task()
         while True:
+            _stop_if_cancelled(me)
             try:
-                records, count = await asyncio.wait_for(queue.get(), period)
+                async with asyncio.timeout(period):  # not wait_for: see _poll
+                    records, count = await queue.get()
             except TimeoutError:
                 records, count = [], 0
             for link in links:
@@ -631,6 +642,17 @@ class OpcUaConnector:
         for i, code in codes.items():
             record.mark(self.point_names[i], quality_of(code), code)
         return [record]
+
+
+def _stop_if_cancelled(task: asyncio.Task[object] | None) -> None:
+    """Raise CancelledError if ``task`` was asked to stop and the request got lost.
+
+    On Python 3.11 ``asyncio.wait_for`` (asyncua uses it for every request) drops a
+    cancellation that arrives as its awaitable completes; the device would then run on and
+    never stop. The request stays counted on the task, so the loops look at it once a turn.
+    """
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _fault_code(exc: BaseException) -> int:

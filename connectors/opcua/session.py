@@ -141,7 +141,10 @@ async def open_session(
         await client.connect()
 
     try:
-        await asyncio.wait_for(connect(), 2 * timeout)
+        # asyncio.timeout rather than wait_for, which on Python 3.11 can swallow a
+        # cancellation that arrives just as the connect completes
+        async with asyncio.timeout(2 * timeout):
+            await connect()
     except TimeoutError:
         await drop(client)
         raise TimeoutError(f"no answer within {2 * timeout:g}s while connecting") from None
@@ -170,6 +173,7 @@ async def drop(client: Client) -> None:
 async def close(client: Client, grace: float) -> None:
     """Close the session and the channel politely within ``grace`` seconds, else drop them."""
     try:
-        await asyncio.wait_for(client.disconnect(), grace)
+        async with asyncio.timeout(grace):
+            await client.disconnect()
     except Exception:
         await drop(client)

@@ -320,7 +320,8 @@ class Collector:
                 raise TimeoutError(f"timed out after {within}s waiting for {what or predicate}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.2))
+                async with asyncio.timeout(min(left, 0.2)):
+                    await self._changed.wait()
 
 
 CTX = BuildContext(node_name="edge", node_tags={"site": "test"}, state_dir=Path("/nonexistent"))

@@ -5,13 +5,16 @@ healthy one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import time
 from collections.abc import Callable
 
 import pytest
-from opcua_harness import Collector, UaServer, device, running
+from opcua_harness import CTX, Collector, UaServer, device, running
 
 from plantbus.broker.record import Quality
+from plantbus.connectors.opcua import build
 
 BAD_NOT_CONNECTED = 0x808A0000
 BAD_TIMEOUT = 0x800A0000
@@ -182,3 +185,25 @@ async def test_a_hung_server_does_not_change_another_devices_rate(
     assert polls_in(out, before) >= 0.9 * expected
     assert polls_in(out, during) >= 0.9 * expected, "the healthy device slowed down"
     assert healthy.overruns - overruns <= 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_cancelled_device_always_stops(
+    server_factory: Callable[..., UaServer], mode: str
+) -> None:
+    # values change every 5 ms, so cancellations land at every point of a read or publish
+    server = server_factory(writer={"period": 0.005, "first": 0, "count": 40})
+    points = [{"name": f"v{i}", "node": server.node(f"s=Bulk.v{i}")} for i in range(20)]
+    config = device(server.url, points, mode=mode, interval="10ms", timeout="2s")
+    rng = random.Random(7)
+    for _ in range(12):
+        out = Collector()
+        connector = build(config, CTX)
+        task = asyncio.create_task(connector.run(out.emit))
+        await out.wait(lambda o=out: len(o.batches) >= 2, what="data")
+        await asyncio.sleep(rng.uniform(0, 0.05))
+        task.cancel()
+        async with asyncio.timeout(5):  # a lost cancellation would hang here
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert task.cancelled()
