@@ -33,6 +33,7 @@ SINK_KINDS: dict[str, str] = {
 
 DEMO_SIMULATORS: dict[str, str] = {
     "modbus": "plantbus.connectors.modbus.demo",
+    "opcua": "plantbus.connectors.opcua.demo",
 }
 """Device kind -> module with ``demo_simulator() -> DemoSimulator`` (see broker/demo.py):
 an in-process protocol server that ``plantbus demo`` runs and reads with the real connector."""
