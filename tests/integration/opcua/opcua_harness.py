@@ -28,6 +28,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from plantbus.broker.connector import BuildContext
 from plantbus.broker.record import Record
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/servers.py
+
+from servers import free_port
+
 HERE = Path(__file__).resolve().parent
 SERVER_SCRIPT = HERE / "opcua_server.py"
 
@@ -88,14 +92,6 @@ def base_variables() -> list[dict[str, Any]]:
         for i in range(BULK)
     ]
     return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class UaServer:
