@@ -226,12 +226,18 @@ class TimeSpec:
         elif t is float:
             if value != value or value in (float("inf"), float("-inf")):
                 raise PayloadError(f"time {value!r} is not a finite number")
-            n = round(Decimal(repr(value)) * self.unit)
+            try:
+                n = round(Decimal(repr(value)) * self.unit)
+            except ArithmeticError:  # decimal.Overflow on a huge exponent
+                raise PayloadError(f"time {value!r} {self.format} is out of range") from None
         elif t is str:
             try:
                 n = round(Decimal(value.strip()) * self.unit)  # type: ignore[attr-defined]
-            except (InvalidOperation, ValueError):
+            except InvalidOperation:
                 raise PayloadError(f"time {preview(value, 40)} is not a number") from None  # type: ignore[arg-type]
+            except (ArithmeticError, ValueError):
+                # decimal.Overflow ("1e999999"), or a value that round() cannot make an int
+                raise PayloadError(f"time {preview(value, 40)} is out of range") from None  # type: ignore[arg-type]
         else:
             raise PayloadError(f"time: expected a number, got {type(value).__name__}")
         if not INT64_MIN < n < INT64_MAX:

@@ -7,6 +7,7 @@ payload, which reach deeper than pure noise).
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -138,3 +139,10 @@ def test_sparkplug_decoder(data: bytes, mtype: str) -> None:
         return
     _check_rows([row for _, row in pairs])
     assert all(isinstance(p, str) for p in problems)
+
+
+@pytest.mark.parametrize("value", ["1e999999", "-1E+999999999", 1e308, "9" * 400])
+def test_huge_epoch_times_are_refused_as_out_of_range(value):
+    # found by Hypothesis: decimal.Overflow escaped the decoder
+    with pytest.raises(PayloadError, match="out of range"):
+        TimeSpec("ms").parse(value)
