@@ -359,6 +359,7 @@ class DiskBuffer:
                 p.unlink()
                 continue
             found: list[_Entry] = []
+            damage: list[tuple[int, int]] = []  # (offset, bytes skipped)
             with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 off = 0
                 while off < size:
@@ -377,16 +378,23 @@ class DiskBuffer:
                             break
                         nxt = mm.find(_MAGIC, nxt + 1)
                     off = size if nxt == -1 else nxt
-                    self.corrupt_records += 1
-                    self.corrupt_bytes += off - bad_at
-                    log.warning(
-                        "disk buffer %r: %s is damaged at offset %d: %d bytes skipped%s",
-                        self.name,
-                        p,
-                        bad_at,
-                        off - bad_at,
-                        " (torn or corrupt tail)" if off == size else "",
-                    )
+                    damage.append((bad_at, off - bad_at))
+            if damage:
+                # one warning per damaged segment, however many places are hit
+                skipped = sum(n for _, n in damage)
+                self.corrupt_records += len(damage)
+                self.corrupt_bytes += skipped
+                log.warning(
+                    "disk buffer %r: %s is damaged at offset %d%s: %d bytes in %d place(s) "
+                    "skipped, %d intact batches recovered from it",
+                    self.name,
+                    p,
+                    damage[0][0],
+                    " (torn or corrupt tail)" if sum(damage[-1]) == size else "",
+                    skipped,
+                    len(damage),
+                    len(found),
+                )
             if found:
                 prev_last = found[-1].n
                 max_n = max(max_n, prev_last)

@@ -395,6 +395,22 @@ async def test_flipped_bits_in_the_middle_lose_only_that_batch(make, tmp_path, c
     assert f"{seg} is damaged at offset {2 * record}" in caplog.text
 
 
+async def test_two_damaged_places_in_a_segment_make_one_warning(make, tmp_path, caplog):
+    await _filled(make)
+    seg = segments(tmp_path / "buf")[0]
+    data = bytearray(seg.read_bytes())
+    record = len(data) // 6
+    data[record + 60] ^= 0xFF  # in #1
+    data[4 * record + 60] ^= 0xFF  # in #4
+    seg.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        again = make()
+    assert seqs(again) == [0, 2, 3, 5]
+    assert (again.corrupt_records, again.corrupt_bytes) == (2, 2 * record)
+    assert caplog.text.count("is damaged") == 1
+    assert f"{seg} is damaged at offset {record}: {2 * record} bytes in 2 place(s)" in caplog.text
+
+
 async def test_a_corrupt_length_is_skipped(make, tmp_path):
     await _filled(make)
     seg = segments(tmp_path / "buf")[0]
