@@ -199,19 +199,24 @@ _RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 class RabbitServer:
     """A RabbitMQ node (Debian's 3.10) with its own epmd, node name, ports and data dir.
 
+    With ``certs`` it also has a TLS listener on ``tls_port`` (``amqps``) that verifies
+    peers and requires a client certificate signed by the test CA.
+
     The upstream ``rabbitmq-server`` script is run directly (Debian's wrapper in /usr/sbin
     switches to the ``rabbitmq`` user and its HOME); in the foreground it traps SIGTERM and
     stops the Erlang VM cleanly, so a restart keeps durable queues and persistent messages.
     Ready means the AMQP port answers a protocol header with ``Connection.Start``.
     """
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, *, certs: Certs | None = None):
         if not (_RABBIT_BIN / "rabbitmq-server").exists() or shutil.which("epmd") is None:
             raise RuntimeError(
                 "rabbitmq-server not found: run `make test` (it installs rabbitmq-server)"
             )
         self.base = base
+        self.certs = certs
         self.port = 0
+        self.tls_port = 0
         self.dist_port = 0
         self.epmd_port = 0
         self._epmd = _Process("epmd", base)
@@ -255,13 +260,25 @@ class RabbitServer:
             d.mkdir(parents=True, exist_ok=True)
             self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
             (d / "enabled_plugins").write_text("[].\n")
-            (d / "rabbitmq.conf").write_text(
+            conf = (
                 f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
                 "loopback_users = none\n"
                 "log.console = true\n"
                 "log.console.level = warning\n"
                 "log.file = false\n"
             )
+            if self.certs is not None:
+                c = self.certs
+                self.tls_port = free_port()
+                conf += (
+                    f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                    f"ssl_options.cacertfile = {c.ca}\n"
+                    f"ssl_options.certfile = {c.server_cert}\n"
+                    f"ssl_options.keyfile = {c.server_key}\n"
+                    "ssl_options.verify = verify_peer\n"
+                    "ssl_options.fail_if_no_peer_cert = true\n"
+                )
+            (d / "rabbitmq.conf").write_text(conf)
         if self._epmd.proc is None:
             self._epmd.spawn(["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)])
 
@@ -274,9 +291,9 @@ class RabbitServer:
 
         def up() -> bool:
             self._proc.check_alive()
-            return _amqp_answers(self.port)
+            return _amqp_answers(self.port) and (not self.tls_port or _port_open(self.tls_port))
 
-        wait_until(up, timeout, "rabbitmq AMQP listener", interval=0.2)
+        wait_until(up, timeout, "rabbitmq AMQP listeners", interval=0.2)
         return self
 
     def stop(self) -> None:

@@ -1,8 +1,9 @@
 """Brokers for the bridge tests: each started once per session, only when a test asks for it.
 
-Mosquitto (plain listener + a TLS listener that wants a client certificate), RabbitMQ (with
-its own epmd) and tansu (advertising a session ``TcpProxy`` in front of it, so that every
-Kafka connection can be cut), all on free loopback ports in temp dirs, stopped by PID.
+Mosquitto and RabbitMQ (each a plain listener + a TLS listener that wants a client
+certificate; RabbitMQ with its own epmd) and tansu (advertising a session ``TcpProxy`` in
+front of it, so that every Kafka connection can be cut), all on free loopback ports in temp
+dirs, stopped by PID.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterato
 
 
 @pytest.fixture(scope="session")
-def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
-    server = RabbitServer(tmp_path_factory.mktemp("rabbitmq"))
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[RabbitServer]:
+    server = RabbitServer(tmp_path_factory.mktemp("rabbitmq"), certs=certs)
     server.start()
     try:
         yield server

@@ -1,13 +1,16 @@
 """What each bridge has beyond the conformance suite, against its real broker.
 
 mqtt: TLS with a client certificate (certificates made by the test), username/password,
-QoS 0, line protocol to a fixed topic. amqp: ``mandatory`` messages no queue is bound for
-come back and are counted. kafka: ``enable_idempotence`` against tansu (which refuses
-InitProducerId) fails to connect with a hint, gzip compression, one key per device.
+QoS 0, line protocol to a fixed topic, MQTT 5 (the CONNECT on the wire says level 5).
+amqp: TLS (amqps) with a client certificate, without one, and to a server the CA does not
+vouch for; ``mandatory`` messages no queue is bound for come back and are counted.
+kafka: ``enable_idempotence`` against tansu (which refuses InitProducerId) fails to connect
+with a hint, gzip compression, one key per device.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,7 +124,98 @@ async def test_mqtt_qos0_and_line_protocol_to_a_fixed_topic(bridge: Bridge) -> N
     assert b"".join(m.raw for m in msgs) == line_protocol.encode(run.records)
 
 
+async def _forward_and_capture(
+    upstream_port: int, captured: list[bytes]
+) -> tuple[asyncio.Server, int]:
+    """A loopback forwarder to ``upstream_port`` that keeps what each client sends first."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        first = True
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bool) -> None:
+            nonlocal first
+            try:
+                while data := await src.read(65536):
+                    if keep and first:
+                        captured.append(data)
+                        first = False
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("bridge", ["mqtt"], indirect=True)
+async def test_mqtt5_delivers_every_record(bridge: Bridge) -> None:
+    consumer = await bridge.consume()  # a 3.1.1 subscriber: the broker translates
+    captured: list[bytes] = []
+    server, port = await _forward_and_capture(bridge.port, captured)
+    try:
+        run = Run(bridge, port=port, protocol="5")
+        run.start()
+        await run.publish(reads=5, per_read=10)
+        await consumer.wait_for(run.uids)
+        await run.stop()
+    finally:
+        server.close()
+    assert consumer.first_order() == run.order()
+    assert run.metrics()["records_out"] == len(run.records)
+    # the sink spoke MQTT 5: CONNECT (0x10), remaining length (varint), "MQTT", level 5
+    connect = captured[0]
+    assert connect[0] == 0x10
+    i = 1
+    while connect[i] & 0x80:
+        i += 1
+    assert connect[i + 1 : i + 8] == b"\x00\x04MQTT\x05", connect[: i + 8]
+
+
 # -- amqp ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bridge", ["amqp"], indirect=True)
+async def test_amqp_tls_with_client_certificate(bridge: Bridge, certs: Certs) -> None:
+    consumer = await bridge.consume()  # on the plain listener of the same broker
+    tls = {"ca": str(certs.ca), "certificate": str(certs.client_cert)}
+    tls["private_key"] = str(certs.client_key)
+    run = Run(bridge, url=f"amqps://127.0.0.1:{bridge.server.tls_port}/", tls=tls)
+    run.start()
+    await run.publish(reads=5, per_read=10)
+    await consumer.wait_for(run.uids)
+    await run.stop()
+    assert consumer.first_order() == run.order()
+    assert run.sink.connects == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bridge", ["amqp"], indirect=True)
+async def test_amqp_tls_refused_without_client_certificate(bridge: Bridge, certs: Certs) -> None:
+    run = Run(
+        bridge,
+        url=f"amqps://127.0.0.1:{bridge.server.tls_port}/",
+        tls={"ca": str(certs.ca)},  # RabbitMQ: fail_if_no_peer_cert = true
+        retry_max="50ms",
+    )
+    await assert_refused(run, "certificate required")
+
+
+@pytest.mark.parametrize("bridge", ["amqp"], indirect=True)
+async def test_amqp_tls_refuses_an_unknown_server(bridge: Bridge, tmp_path: Path) -> None:
+    from bridge_servers import make_certs
+
+    other = make_certs(tmp_path / "other")  # a CA that did not sign the broker's certificate
+    tls = {"ca": str(other.ca), "certificate": str(other.client_cert)}
+    tls["private_key"] = str(other.client_key)
+    url = f"amqps://127.0.0.1:{bridge.server.tls_port}/"
+    run = Run(bridge, url=url, tls=tls, retry_max="50ms")
+    await assert_refused(run, f"cannot connect to {url}")
+    assert "CERTIFICATE_VERIFY_FAILED" in run.outlet.channels[0].last_error
 
 
 @pytest.mark.parametrize("bridge", ["amqp"], indirect=True)
