@@ -78,13 +78,22 @@ class Buffer(Protocol):
     def __len__(self) -> int: ...
 
     @property
-    def bytes(self) -> int: ...
+    def bytes(self) -> int:
+        """Payload bytes held (what ``max_size`` bounds), in flight included."""
+        ...
 
     @property
-    def records(self) -> int: ...
+    def records(self) -> int:
+        """Records not yet acknowledged, in flight included."""
+        ...
 
     @property
     def pending(self) -> int: ...
+
+    @property
+    def undelivered_batches(self) -> int:
+        """Batches not yet acknowledged: pending and in flight."""
+        ...
 
 
 class MemoryBuffer:
@@ -132,7 +141,12 @@ class MemoryBuffer:
 
     @property
     def records(self) -> int:
-        """Records held, in flight included."""
+        """Records not yet acknowledged (still to deliver), in flight included.
+
+        A batch acknowledged while an older one is still in flight stays held (in ``len``
+        and ``bytes``) until the older one leaves, but its records are delivered: they are
+        not counted here.
+        """
         return self._records
 
     @property
@@ -142,7 +156,13 @@ class MemoryBuffer:
 
     @property
     def in_flight(self) -> int:
-        return self._sent
+        """Batches handed out and not yet acknowledged."""
+        return self._sent - len(self._acked)
+
+    @property
+    def undelivered_batches(self) -> int:
+        """Batches not yet acknowledged: pending and in flight."""
+        return len(self._items) - len(self._acked)
 
     def _fits(self, size: int) -> bool:
         return not self._items or self._bytes + size <= self.max_size
@@ -239,13 +259,15 @@ class MemoryBuffer:
                 break
         else:
             raise ValueError(f"buffer {self.name!r}: batch seq={batch.seq} is not in flight")
+        if id(batch) in self._acked:
+            raise ValueError(f"buffer {self.name!r}: batch seq={batch.seq} was acknowledged twice")
         self._acked.add(id(batch))
+        self._records -= batch.records  # delivered, even while an older batch holds it here
         while self._sent and id(self._items[0]) in self._acked:
             head = self._items.popleft()
             self._acked.discard(id(head))
             self._sent -= 1
             self._bytes -= len(head.payload)
-            self._records -= head.records
         self._room.set()
 
     def rewind(self) -> None:

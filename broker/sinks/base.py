@@ -8,9 +8,9 @@ encoding, buffering, retries and metrics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from plantbus.broker.configtypes import BufferConfig, Duration, QueueConfig, Size, StrictModel
 
@@ -74,7 +74,17 @@ class Sink(Protocol):
 
 
 class SinkConfig(StrictModel):
-    """Keys common to every sink: what it subscribes to and how its outlet batches."""
+    """Keys common to every sink: what it subscribes to and how its outlet batches.
+
+    ``max_in_flight`` is how many batches the outlet may be writing to the sink at once
+    (each retried on its own). With more than one, batches may reach the upstream out of
+    order, so a sink kind allows it only where that is harmless and its ``write`` may run
+    concurrently: it raises ``MAX_IN_FLIGHT_LIMIT`` (and usually the default) in its
+    ``Config``. For the others 1 is the only value.
+    """
+
+    MAX_IN_FLIGHT_LIMIT: ClassVar[int] = 1
+    """The largest ``max_in_flight`` this sink kind takes (1: order matters to it)."""
 
     name: str = ""  # default: "<kind>" or "<kind>-<index>"
     subscribe: list[str] = Field(default_factory=lambda: ["#"], min_length=1)
@@ -87,4 +97,17 @@ class SinkConfig(StrictModel):
     retry_initial: Duration = 0.1
     retry_max: Duration = 30.0
     timeout: Duration = 10.0
+    max_in_flight: int = Field(default=1, ge=1)  # batches written at once
     enabled: bool = True
+
+    @field_validator("max_in_flight")
+    @classmethod
+    def _check_max_in_flight(cls, v: int) -> int:
+        limit = cls.MAX_IN_FLIGHT_LIMIT
+        if v > limit:
+            if limit == 1:
+                raise ValueError(
+                    "this sink kind writes one batch at a time, in order: max_in_flight must be 1"
+                )
+            raise ValueError(f"this sink kind takes at most {limit} batches in flight")
+        return v

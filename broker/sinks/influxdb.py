@@ -36,7 +36,7 @@ import json
 import logging
 import ssl
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -102,7 +102,16 @@ class Config(SinkConfig):
         gzip: compress request bodies (level 1). It costs CPU: use it off-box only.
         tls: the shared TLS table, for https URLs.
         uid_field: the line-protocol field that carries the record ID.
+        max_in_flight: batches written at once (default 2). InfluxDB keys a point by
+            series and timestamp, so the order in which batches arrive does not change what
+            is stored, and with a second write queued InfluxDB does not wait while plantbus
+            encodes the next batch or reads the answer. The one exception: the same series
+            and timestamp written twice with different values, where the last write wins;
+            plantbus stamps each record of a device with its own timestamp, so that only
+            happens with a device's own repeated timestamps.
     """
+
+    MAX_IN_FLIGHT_LIMIT: ClassVar[int] = 16
 
     codec: Literal["line_protocol"] = "line_protocol"
     url: str = "http://127.0.0.1:8086"
@@ -113,6 +122,7 @@ class Config(SinkConfig):
     gzip: bool = False
     tls: TlsConfig | None = None
     uid_field: str = Field(default="uid", min_length=1)
+    max_in_flight: int = Field(default=2, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -327,7 +337,8 @@ class InfluxDBSink:
         self._headers = {"Content-Type": "text/plain; charset=utf-8"}
         if config.gzip:
             self._headers["Content-Encoding"] = "gzip"
-        self._gzipped: tuple[EncodedBatch, bytes] | None = None  # kept for retries
+        # compressed bodies of the batches in flight, kept for their retries
+        self._gzipped: list[tuple[EncodedBatch, bytes]] = []
         self.recreated = 0  # times the database or policy vanished and was made again
 
     def _new_session(self) -> aiohttp.ClientSession:
@@ -357,13 +368,17 @@ class InfluxDBSink:
     async def _body(self, batch: EncodedBatch) -> bytes:
         if not self.config.gzip:
             return batch.payload
-        if self._gzipped is not None and self._gzipped[0] is batch:
-            return self._gzipped[1]
+        for held, body in self._gzipped:
+            if held is batch:
+                return body
         if len(batch.payload) > _GZIP_OFF_LOOP:
             body = await asyncio.to_thread(gzip_module.compress, batch.payload, 1)
         else:
             body = gzip_module.compress(batch.payload, 1)
-        self._gzipped = (batch, body)
+        self._gzipped.append((batch, body))
+        # as many as batches may be in flight; one pushed out while still being retried is
+        # just compressed again
+        del self._gzipped[: -self.config.max_in_flight]
         return body
 
     async def write(self, batch: EncodedBatch) -> None:
@@ -434,7 +449,7 @@ class InfluxDBSink:
 
     async def close(self) -> None:
         session, self._session = self._session, None
-        self._gzipped = None
+        self._gzipped.clear()
         if session is not None and not session.closed:
             await session.close()
 

@@ -218,6 +218,56 @@ async def test_a_cut_connection_is_retried(influxdb, influx_db):
     assert "ServerDisconnectedError" in outlet.channels[0].last_error
 
 
+async def test_two_batches_in_flight_the_next_ones_arrive_while_one_hangs(influxdb, influx_db):
+    sent = make_records(40)
+    async with FaultProxy(influxdb.url) as proxy:
+        proxy.hang(seconds=1.0)  # then cut: the batch is retried
+        cfg = sink_config(proxy.url, influx_db, batch_size=10, flush_interval="60s")
+        assert cfg.max_in_flight == 2  # the influxdb default
+        outlet = await deliver(cfg, [sent[i : i + 10] for i in range(0, 40, 10)])
+    assert_all_once(influxdb, influx_db, sent)
+    writes = proxy.matching("/write")
+    assert writes[0].outcome == "fault hang"
+    # batches 2-4 went through the second slot while batch 1 hung; then batch 1's retry
+    during = [w for w in writes[1:] if w.time < writes[0].time + 0.9]
+    assert [w.outcome for w in during] == ["forwarded 204"] * 3
+    assert [w.outcome for w in writes[4:]] == ["forwarded 204"]
+    m = outlet.metrics()
+    assert (m["records_out"], m["batches_out"], m["retries"], m["undelivered"]) == (40, 4, 1, 0)
+
+
+async def test_one_batch_in_flight_writes_in_order(influxdb, influx_db):
+    sent = make_records(40)
+    async with FaultProxy(influxdb.url, keep_bodies=True) as proxy:
+        proxy.hang(seconds=0.3)
+        cfg = sink_config(
+            proxy.url, influx_db, batch_size=10, flush_interval="60s", max_in_flight=1
+        )
+        outlet = await deliver(cfg, [sent[i : i + 10] for i in range(0, 40, 10)])
+    assert_all_once(influxdb, influx_db, sent)
+    writes = proxy.matching("/write")
+    assert [w.outcome for w in writes] == ["fault hang"] + ["forwarded 204"] * 4
+    assert writes[1].time >= writes[0].time + 0.29  # nothing passed the hung batch
+    bodies = b"".join(w.body for w in writes[1:])
+    assert [line.split(b'uid="')[1][:36].decode() for line in bodies.splitlines()] == [
+        r.id for r in sent
+    ]
+    assert outlet.metrics()["retries"] == 1
+
+
+async def test_gzip_with_batches_in_flight_retries_the_right_body(influxdb, influx_db):
+    sent = make_records(60)
+    async with FaultProxy(influxdb.url) as proxy:
+        proxy.fail(503, times=4)
+        cfg = sink_config(
+            proxy.url, influx_db, gzip=True, batch_size=10, flush_interval="60s", max_in_flight=3
+        )
+        outlet = await deliver(cfg, [sent[i : i + 10] for i in range(0, 60, 10)])
+    assert_all_once(influxdb, influx_db, sent)
+    m = outlet.metrics()
+    assert (m["records_out"], m["batches_out"], m["retries"]) == (60, 6, 4)
+
+
 async def test_partial_write_rejects_that_batch_and_the_next_ones_arrive(influxdb, influx_db):
     # temp is an integer field in this database already: a float temp is a type conflict
     status, text = influxdb.write(influx_db, f"conflict temp=1i {time.time_ns()}".encode())

@@ -158,3 +158,19 @@ def test_rejects_bad_parameters():
         MemoryBuffer(0)
     with pytest.raises(ValueError, match="unknown when_full policy 'sometimes'"):
         MemoryBuffer(10, "sometimes")  # type: ignore[arg-type]
+
+
+async def test_a_batch_acked_behind_an_older_one_is_delivered_but_still_held():
+    buf = MemoryBuffer(10_000)
+    for i in range(3):
+        await buf.append(batch(i))
+    a, b = buf.get_nowait(), buf.get_nowait()
+    assert a and b
+    buf.ack(b)
+    # records and batches still to deliver leave the count at once; bytes stay held
+    assert (buf.records, buf.undelivered_batches, buf.in_flight, buf.pending) == (20, 2, 1, 1)
+    assert (len(buf), buf.bytes) == (3, 300)
+    with pytest.raises(ValueError, match="acknowledged twice"):
+        buf.ack(b)
+    buf.ack(a)
+    assert (buf.records, buf.undelivered_batches, len(buf), buf.bytes) == (10, 1, 1, 100)

@@ -8,6 +8,7 @@ tests/integration/test_influxdb_sink.py); the codec is the real line-protocol en
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import re
@@ -528,3 +529,255 @@ async def test_json_codec_batches_are_json_arrays():
     assert [d["uid"] for d in docs] == [r.id for r in sent]
     assert docs[0]["fields"] == {"n": 100_000, "temp": 21.5}
     assert outlet.metrics()["records_out"] == 10
+
+
+# -- several batches in flight ---------------------------------------------------------------
+
+
+class ConcurrentConfig(SinkConfig):
+    """A sink kind that takes several batches at once (as ``influxdb`` does)."""
+
+    MAX_IN_FLIGHT_LIMIT = 8
+
+
+def concurrent_config(**kw: object) -> SinkConfig:
+    kw.setdefault("name", "rec")
+    kw.setdefault("retry_initial", "1ms")
+    kw.setdefault("retry_max", "20ms")
+    return ConcurrentConfig.model_validate(kw)
+
+
+class GatedSink(RecordingSink):
+    """Each write waits for the gate of its batch (by ``seq``); ``failures[seq]`` counts
+    how many attempts of that batch fail (retryable) once their gate is open."""
+
+    def __init__(self, name: str = "rec"):
+        super().__init__(name)
+        self.gates: dict[int, asyncio.Event] = {}
+        self.failures: dict[int, int] = {}
+        self.writing: list[int] = []  # seqs of the writes running now
+        self.most_at_once = 0
+
+    def gate_of(self, seq: int) -> asyncio.Event:
+        return self.gates.setdefault(seq, asyncio.Event())
+
+    async def write(self, batch: EncodedBatch) -> None:
+        self.attempts.append(time.monotonic())
+        self.writing.append(batch.seq)
+        self.most_at_once = max(self.most_at_once, len(self.writing))
+        try:
+            await self.gate_of(batch.seq).wait()
+            if self.failures.get(batch.seq, 0) > 0:
+                self.failures[batch.seq] -= 1
+                raise RetryableSinkError(f"batch {batch.seq} failed")
+            self.batches.append(batch)
+        finally:
+            self.writing.remove(batch.seq)
+
+
+def test_max_in_flight_is_a_sink_key_only_kinds_that_allow_it_raise():
+    from plantbus.broker.sinks import file, influxdb
+
+    assert SinkConfig().max_in_flight == 1
+    assert influxdb.Config(database="d").max_in_flight == 2
+    assert influxdb.Config(database="d", max_in_flight=16).max_in_flight == 16
+    with pytest.raises(ValueError, match="at most 16"):
+        influxdb.Config(database="d", max_in_flight=17)
+    with pytest.raises(ValueError, match="one batch at a time"):
+        file.Config(max_in_flight=2)
+    with pytest.raises(ValueError, match="one batch at a time"):
+        config(max_in_flight=2)
+    with pytest.raises(ValueError):
+        concurrent_config(max_in_flight=0)
+
+
+async def test_batches_in_flight_are_acked_out_of_order_and_leave_the_buffer_in_order():
+    bus = Bus()
+    sink = GatedSink()
+    outlet = Outlet("o", bus, [(concurrent_config(batch_size=10, max_in_flight=2), sink)])
+    buffer = outlet.channels[0].buffer
+    sent = records(30)
+    async with Running(outlet):
+        await bus.publish(sent)
+        await until(lambda: outlet.batches == 3 and sorted(sink.writing) == [1, 2])
+        assert buffer.in_flight == 2 and buffer.pending == 1  # the third waits for a slot
+        sink.gate_of(2).set()  # the second batch is taken first
+        await until(lambda: 2 in [b.seq for b in sink.batches] and sink.writing == [1, 3])
+        m = outlet.metrics()
+        assert (m["records_out"], m["batches_out"]) == (10, 1)
+        # delivered, but held until the first one is: a restart would never skip batch 1
+        assert (buffer.records, buffer.undelivered_batches, len(buffer)) == (20, 2, 3)
+        assert buffer.bytes == sum(len(b.payload) for b in sink.batches) * 3
+        sink.gate_of(1).set()
+        await until(lambda: len(sink.batches) == 2)
+        assert (buffer.records, len(buffer)) == (10, 1)  # batches 1 and 2 left, in order
+        sink.gate_of(3).set()
+        await until(lambda: len(sink.batches) == 3)
+    assert [b.seq for b in sink.batches] == [2, 1, 3]
+    assert sorted(sink.uids) == sorted(r.id for r in sent)
+    m = outlet.metrics()
+    assert (m["records_out"], m["batches_out"], m["retries"], m["buffer_records"]) == (30, 3, 0, 0)
+    assert sink.most_at_once == 2
+
+
+async def test_max_in_flight_bounds_the_writes_running_at_once():
+    bus = Bus()
+    sink = GatedSink()
+    outlet = Outlet("o", bus, [(concurrent_config(batch_size=10, max_in_flight=3), sink)])
+    sent = records(100)
+    async with Running(outlet):
+        await bus.publish(sent)
+        await until(lambda: len(sink.writing) == 3)
+        await asyncio.sleep(0.02)
+        assert sorted(sink.writing) == [1, 2, 3]
+        for seq in range(1, 11):
+            sink.gate_of(seq).set()
+        await until(lambda: sink.records == 100)
+    assert sink.most_at_once == 3
+    assert sorted(sink.uids) == sorted(r.id for r in sent)
+    assert outlet.metrics()["records_out"] == 100
+
+
+async def test_one_batch_in_flight_is_retried_while_the_other_succeeds():
+    bus = Bus()
+    sink = GatedSink()
+    sink.failures[1] = 1_000_000  # batch 1 fails until told otherwise
+    outlet = Outlet("o", bus, [(concurrent_config(batch_size=10, max_in_flight=2), sink)])
+    sent = records(20)
+    async with Running(outlet):
+        await bus.publish(sent)
+        await until(lambda: sorted(sink.writing) == [1, 2])
+        sink.gate_of(1).set()
+        await until(lambda: outlet.channels[0].retries >= 2, what="batch 1 failing")
+        sink.gate_of(2).set()  # batch 2 goes through while batch 1 keeps being retried
+        await until(lambda: sink.records == 10)
+        assert [b.seq for b in sink.batches] == [2]
+        retried = outlet.channels[0].retries
+        await until(lambda: outlet.channels[0].retries > retried, what="batch 1 retried")
+        sink.failures[1] = 0
+        await until(lambda: sink.records == 20)
+    assert [b.seq for b in sink.batches] == [2, 1]
+    assert sorted(sink.uids) == sorted(r.id for r in sent)  # each record exactly once
+    m = outlet.metrics()
+    assert (m["records_out"], m["batches_out"]) == (20, 2)
+    assert len(sink.attempts) == m["retries"] + 2  # every failed attempt counted, once
+    assert (m["buffer_records"], m["undelivered"], m["rec.failing"]) == (0, 0, 0)
+
+
+async def test_stop_drains_every_batch_in_flight():
+    bus = Bus()
+    sink = GatedSink()
+    outlet = Outlet("o", bus, [(concurrent_config(batch_size=10, max_in_flight=2), sink)])
+    sent = records(45)
+    task = asyncio.create_task(outlet.run())
+    await bus.publish(sent)
+    await until(lambda: sorted(sink.writing) == [1, 2])
+    stopping = asyncio.create_task(outlet.stop(5.0))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # waits for the two writes in flight
+    for seq in range(1, 6):
+        sink.gate_of(seq).set()
+    await asyncio.wait_for(stopping, 5.0)
+    await asyncio.wait_for(task, 5.0)
+    assert sorted(sink.uids) == sorted(r.id for r in sent)
+    m = outlet.metrics()
+    assert (m["records_out"], m["batches_out"], m["undelivered"]) == (45, 5, 0)
+    assert sink.closed
+
+
+async def test_stop_counts_batches_still_in_flight_at_its_timeout():
+    bus = Bus()
+    sink = GatedSink()
+    outlet = Outlet("o", bus, [(concurrent_config(batch_size=10, max_in_flight=2), sink)])
+    task = asyncio.create_task(outlet.run())
+    await bus.publish(records(30))
+    await until(lambda: sorted(sink.writing) == [1, 2])
+    sink.gate_of(2).set()
+    await until(lambda: sink.records == 10)
+    await until(lambda: sorted(sink.writing) == [1, 3])
+    await outlet.stop(0.1)
+    await asyncio.wait_for(task, 5.0)
+    m = outlet.metrics()
+    # batch 2 went through; 1 and 3 were in flight when stop gave up: held, not lost
+    assert (m["records_out"], m["undelivered"], m["buffer_records"]) == (10, 20, 20)
+
+
+# -- encoding in chunks ----------------------------------------------------------------------
+
+
+def mixed_records(n: int) -> list[Record]:
+    """``n`` records of all kinds the codec treats differently (plain, NaN, Bad status,
+    unencodable series, nothing left to write), in one batch."""
+    bad_series = Series("plant/h1/bad", "bad\\", {})
+    ids = new_ids(n)
+    out = []
+    for i in range(n):
+        fields: dict[str, float | int | bool | str] = {"n": i, "temp": 20.0 + i / 7}
+        rec = Record(SERIES, fields, T0 + i, ids[i])
+        if i % 97 == 5:
+            rec = Record(SERIES, {"n": i, "temp": float("nan")}, T0 + i, ids[i])
+        elif i % 101 == 7:
+            rec = Record(bad_series, fields, T0 + i, ids[i])
+        elif i % 103 == 9:
+            rec = Record(SERIES, {"temp": float("inf")}, T0 + i, ids[i])
+        elif i % 89 == 11:
+            rec = Record(SERIES, {"s": 'say "hi"\\', "ok": True}, T0 + i, ids[i])
+        out.append(rec)
+    return out
+
+
+async def test_a_large_batch_is_encoded_in_chunks_into_the_same_bytes(monkeypatch):
+    from plantbus.broker import outlet as outlet_module
+
+    assert outlet_module.ENCODE_CHUNK <= 1000
+    bus = Bus()
+    sink = RecordingSink()
+    outlet = Outlet("o", bus, [(config(batch_size=5000, flush_interval="60s"), sink)])
+    sent = mixed_records(4321)
+    expected = line_protocol.EncodeStats()
+    one_shot = line_protocol.encode(sent, expected)
+
+    calls: list[tuple[int, int]] = []  # (records encoded, loop ticks seen so far)
+    ticks = 0
+    real_encode = line_protocol.encode
+
+    def spy(records, stats=None, uid_field="uid"):  # type: ignore[no-untyped-def]
+        calls.append((len(records), ticks))
+        return real_encode(records, stats, uid_field)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(line_protocol, "encode", spy)
+    tick_task = asyncio.create_task(ticker())
+    try:
+        async with Running(outlet):
+            await bus.publish(sent)
+    finally:
+        tick_task.cancel()
+    assert [b.payload for b in sink.batches] == [one_shot]  # one payload, the same bytes
+    chunk = outlet_module.ENCODE_CHUNK
+    assert [n for n, _ in calls] == [chunk] * (4321 // chunk) + [4321 % chunk]
+    # the loop ran between chunks: the ticker advanced before every chunk after the first
+    assert all(b[1] > a[1] for a, b in itertools.pairwise(calls))
+    m = outlet.metrics()
+    assert m["records_encoded"] == m["records_out"] == expected.lines
+    assert m["encode_invalid"] == expected.invalid > 0
+    assert m["encode_non_finite"] == expected.non_finite > 0
+    assert m["encode_empty"] == expected.empty > 0
+    assert sink.batches[0].records == expected.lines
+    assert (sink.batches[0].first_id, sink.batches[0].last_id) == (sent[0].id, sent[-1].id)
+
+
+async def test_a_json_batch_is_encoded_in_one_go():
+    bus = Bus()
+    sink = RecordingSink()
+    sink.codec = "json"
+    outlet = Outlet("o", bus, [(config(codec="json", batch_size=2500), sink)])
+    sent = records(2500)
+    async with Running(outlet):
+        await bus.publish(sent)
+    assert [len(json.loads(b.payload)) for b in sink.batches] == [2500]
