@@ -459,32 +459,37 @@ def _add(total: EncodeStats, part: EncodeStats) -> None:
         total.last_invalid = part.last_invalid
 
 
-# -- layouts: one generated line function per set of point names ---------------------------------
+# -- layouts: one generated function per set of point names -------------------------------------
 #
 # A device emits the same points in the same order poll after poll. For such a layout a small
-# function is generated once (like namedtuple and dataclasses do) that checks each value's type
-# and range in straight-line code and builds the whole line in one f-string: about half the
-# interpreter work of a loop over the fields. Names never enter the generated source; escaped
-# keys are passed in as constants.
+# function is generated once (like namedtuple and dataclasses do) that writes a run of records of
+# that layout: it checks each value's type and range in straight-line code and builds the whole
+# line in one f-string, record after record in one loop, so the batch loop's per-record work (a
+# call, the layout lookup) is paid once per run rather than once per record. Names never enter
+# the generated source; escaped keys are passed in as constants.
 
 _LAYOUT_MAX_FIELDS = 128
 _LAYOUT_CACHE_MAX = 1_000
 _KIND_OF = {float: "f", int: "i", bool: "b", str: "s"}
 
-LineFunction = Callable[[dict, str, str, object, object], "str | None"]
-_layouts: dict[tuple[str, ...], LineFunction] = {}  # point names in order -> line function
+# run(records, i, n, series, start, uid_key, append) -> index of the first record not written
+RunFunction = Callable[[Sequence[Record], int, int, Series, str, str, Callable[[str], None]], int]
+_layouts: dict[tuple[str, ...], RunFunction] = {}  # point names in order -> run function
 _layouts_seen: dict[tuple[str, ...], int] = {}  # layouts seen once: a one-off gets no function
 
 
-def _layout_function(keys: tuple[str, ...], kinds: str) -> LineFunction:
-    """Generate ``line(fields, start, uid_key, uid, time_ns) -> str | None`` for one layout.
+def _layout_function(keys: tuple[str, ...], kinds: str) -> RunFunction:
+    """Generate ``run(records, i, n, series, start, U, append) -> int`` for one layout.
 
-    It returns ``None`` (and the caller takes the general path) unless every value has the
-    kind it had when the layout was learned, is finite / in range, and the id and time are
-    plain; it never counts anything.
+    From ``records[i]`` on, it appends the line of every record that is plain (no status,
+    good quality, series already prefixed) with exactly these point names in this order and
+    values of the kinds the layout was learned with (finite, in range), a plain id and time;
+    it returns the index of the first record it did not write (``n`` when it wrote all), which
+    the caller then takes down the general path. It never counts anything.
     """
     ns: dict[str, object] = {
         "_type": type,
+        "_len": len,
         "_float": float,
         "_int": int,
         "_bool": bool,
@@ -492,13 +497,16 @@ def _layout_function(keys: tuple[str, ...], kinds: str) -> LineFunction:
         "_esc": _escape_string,
         "Q": '"',
         "NL": "\n",
+        "KEYS": keys,
     }
     names = [f"v{i}" for i in range(len(keys))]
+    knames = [f"k{i}" for i in range(len(keys))]
     checks: list[str] = []
     floats: list[str] = []
     fixes: list[str] = []
     out = ["{start}"]
     for i, (key, kind, v) in enumerate(zip(keys, kinds, names, strict=True)):
+        ns[f"K{i}"] = key
         ns[f"C{i}"] = ("," if i else "") + (_field_keys.get(key) or _field_key(key))
         if kind == "f":
             checks.append(f"_type({v}) is _float")
@@ -512,7 +520,7 @@ def _layout_function(keys: tuple[str, ...], kinds: str) -> LineFunction:
             out.append(f"{{C{i}}}{{('false', 'true')[{v}]}}")
         else:
             checks.append(f"_type({v}) is _str")
-            fixes.append(f"    if '\"' in {v} or '\\\\' in {v}:\n        {v} = _esc({v})")
+            fixes.append(f"        if '\"' in {v} or '\\\\' in {v}:\n            {v} = _esc({v})")
             out.append(f"{{C{i}}}{{Q}}{{{v}}}{{Q}}")
     if floats:
         # one test for all: a NaN or ±Inf makes the sum non-finite, and so does an overflow of
@@ -520,18 +528,40 @@ def _layout_function(keys: tuple[str, ...], kinds: str) -> LineFunction:
         checks.append(f"({' + '.join(floats)}) * 0.0 == 0.0")
     checks.append(f"_type(t) is _int and {TIME_MIN} <= t <= {TIME_MAX} and _type(uid) is _str")
     out.append(",{U}{uid}{Q} {t}{NL}")
+    same_keys = " and ".join(f"{k} is K{i}" for i, k in enumerate(knames))
     src = "\n".join(
         [
-            "def line(f, start, U, uid, t):",
-            f"    {', '.join(names)}, = f.values()",
-            f"    if not ({' and '.join(checks)}) or '\"' in uid or '\\\\' in uid:",
-            "        return None",
+            "def run(records, i, n, series, start, U, append):",
+            "    while i < n:",
+            "        r = records[i]",
+            "        s = r.series",
+            "        if s is not series:",
+            "            s_start = s.cache.get('lp_line')",
+            "            if not s_start:",
+            "                return i",
+            "            series, start = s, s_start",
+            "        if r.status is not None or r.quality:",
+            "            return i",
+            "        f = r.fields",
+            f"        if _len(f) != {len(keys)}:",
+            "            return i",
+            f"        {', '.join(knames)}, = f",
+            # the names are the very same objects poll after poll; equal ones pass too
+            f"        if not ({same_keys}) and ({', '.join(knames)},) != KEYS:",
+            "            return i",
+            f"        {', '.join(names)}, = f.values()",
+            "        uid = r.id",
+            "        t = r.time_ns",
+            f"        if not ({' and '.join(checks)}) or '\"' in uid or '\\\\' in uid:",
+            "            return i",
             *fixes,
-            f'    return f"{"".join(out)}"',
+            f'        append(f"{"".join(out)}")',
+            "        i += 1",
+            "    return i",
         ]
     )
     exec(compile(src, "<plantbus line-protocol layout>", "exec"), ns)
-    return ns["line"]  # type: ignore[return-value]
+    return ns["run"]  # type: ignore[return-value]
 
 
 def _learn_layout(keys: tuple[str, ...], fields: dict) -> None:
@@ -558,9 +588,10 @@ def _encode(records: Sequence[Record], stats: EncodeStats, uid_key: str) -> byte
     """The batch loop of ``encode``; raises UnicodeEncodeError for a lone surrogate.
 
     Three paths, fastest first, each falling through to the next when a record is unusual:
-    the layout's generated function; a loop over the fields for plain records of a layout
-    without one (yet); ``_line_full`` for everything (status, NaN, invalid names, ...), which
-    alone counts into ``stats``, so falling through never counts twice.
+    the layout's generated run function (which writes every following record of the layout
+    it can); a loop over the fields for plain records of a layout without one (yet);
+    ``_line_full`` for everything (status, NaN, invalid names, ...), which alone counts into
+    ``stats``, so falling through never counts twice.
     """
     out: list[str] = []
     append = out.append
@@ -571,7 +602,11 @@ def _encode(records: Sequence[Record], stats: EncodeStats, uid_key: str) -> byte
     last_series = None
     start = ""
     lines = 0
-    for rec in records:
+    i = 0
+    n = len(records)
+    while i < n:
+        rec = records[i]
+        i += 1
         series = rec.series
         if series is not last_series:
             start = series.cache.get("lp_line")
@@ -584,10 +619,10 @@ def _encode(records: Sequence[Record], stats: EncodeStats, uid_key: str) -> byte
             keys = tuple(fields)
             fn = layouts.get(keys)
             if fn is not None:
-                line = fn(fields, start, uid_key, rec.id, rec.time_ns)
-                if line is not None:
-                    append(line)
-                    lines += 1
+                end = fn(records, i - 1, n, series, start, uid_key, append)
+                if end >= i:
+                    lines += end - i + 1
+                    i = end
                     continue
             # Pieces of one line: "prefix ", "key=value," per point, 'uid="…" time\n'.
             mark = len(out)

@@ -275,6 +275,52 @@ def test_layout_function_falls_back_on_anything_unusual() -> None:
     assert lp.encode([uid_odd]) == lp.encode_record(uid_odd).encode() + b"\n"  # type: ignore[union-attr]
 
 
+def test_a_run_of_records_across_series_and_odd_records_matches_the_general_path() -> None:
+    good = [Series(f"plant/s{i}", "m", {"d": f"s{i}"}) for i in range(3)]
+    unencodable = Series("plant/bad", "bad\\", {})
+    fresh = Series("plant/fresh", "m", {"d": "fresh"})  # prefix not computed yet
+    plain = {"a": 1.5, "n": 2, "on": True, "s": "x"}
+    rows: list[Record] = []
+    for i in range(60):
+        fields: dict[str, object] = {**plain, "a": i / 3, "n": i}
+        series = good[i % 3] if i % 10 else good[0]
+        kw: dict[str, object] = {"id": f"u{i}", "time_ns": 1_000 + i}
+        if i == 17:
+            fields["a"] = float("nan")
+        elif i == 23:
+            series = unencodable
+        elif i == 29:
+            kw["status"] = {"a": 0x40000000}
+        elif i == 31:
+            kw["quality"] = Quality.UNCERTAIN
+        elif i == 37:
+            fields = {"n": i, "a": 1.0, "on": True, "s": "x"}  # same names, another order
+        elif i == 41:
+            fields = {"".join(["a"]): 2.5, "".join(["n"]): i, "on": False, "s": "y"}  # equal keys
+        elif i == 43:
+            series = fresh
+        elif i == 47:
+            fields["s"] = 'q"uote\\'
+        elif i == 53:
+            kw["id"] = 'x"y'
+        elif i == 59:
+            fields["extra"] = 1
+        rows.append(rec(fields, series, **kw))
+    cold_stats, warm_stats = lp.EncodeStats(), lp.EncodeStats()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lp, "_LAYOUT_MAX_FIELDS", 0)  # no generated functions: the general paths
+        cold = lp.encode(rows, cold_stats)
+        cold_singles = [lp.encode_record(r) for r in rows]
+    assert not lp._layouts
+    lp.encode(rows)
+    assert ("a", "n", "on", "s") in lp._layouts
+    warm = lp.encode(rows, warm_stats)
+    assert warm == cold
+    assert repr(warm_stats) == repr(cold_stats)
+    assert [lp.encode_record(r) for r in rows] == cold_singles
+    assert (cold_stats.lines, cold_stats.invalid) == (59, 1)
+
+
 names = st.text(alphabet=st.sampled_from(list('ab ,="\\é\n#\t')), min_size=1, max_size=4)
 values = st.one_of(
     st.floats(),
