@@ -51,6 +51,7 @@ __all__ = [
     "rss_mb",
     "series_prefix",
     "sim_points",
+    "system_busy_seconds",
 ]
 
 MEASUREMENT = "bench"
@@ -208,6 +209,18 @@ def proc_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds every process of the machine spent (``/proc/stat``, all cores).
+
+    Less this process and influxd over a window: what other programs took from the cores
+    the scenario shares (``others_cpu_pct``), so a noisy run can be told from a slow one.
+    """
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / _CLK_TCK
 
 
 def rss_mb() -> float:

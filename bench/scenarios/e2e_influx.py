@@ -53,6 +53,7 @@ from bench.common import (
     report,
     run_loop,
     sim_points,
+    system_busy_seconds,
 )
 
 WARMUP_S = 3.0
@@ -71,8 +72,15 @@ def _toml_value(v: Any) -> str:
     return json.dumps(v)  # strings, numbers and booleans are spelled alike in TOML and JSON
 
 
+def influx_in_flight() -> int | None:
+    """``BENCH_INFLUX_IN_FLIGHT``: the influxdb sink's ``max_in_flight`` (unset: its default)."""
+    value = os.environ.get("BENCH_INFLUX_IN_FLIGHT", "")
+    return int(value) if value else None
+
+
 def config_text(url: str, db: str, state: Path, interval: str, batch: int) -> str:
     """The daemon config of one run (what a user would write in plantbus.toml + conf.d)."""
+    in_flight = influx_in_flight()
     sink_common = (
         'subscribe = ["bench/#"]\n'
         "batch_size = 5000\n"
@@ -91,7 +99,8 @@ def config_text(url: str, db: str, state: Path, interval: str, batch: int) -> st
         'name = "influx"\n'
         f"url = {_toml_value(url)}\n"
         f"database = {_toml_value(db)}\n"
-        f"{sink_common}\n"
+        + (f"max_in_flight = {in_flight}\n" if in_flight else "")
+        + f"{sink_common}\n"
         "[[sinks.file]]\n"
         'name = "file"\n'
         f"path = {_toml_value(str(state / 'lp' / 'bench.lp'))}\n"
@@ -232,12 +241,14 @@ async def run_once(
         (influx,) = [
             ch for h in rt.outlets.values() for ch in h.outlet.channels if ch.name == "influx"
         ]
+        in_flight = influx.config.max_in_flight
         await asyncio.sleep(WARMUP_S)
 
         lat.clear()
         influx.latencies.clear()
         acked0, emitted0 = influx.records_out, rt.bus.published
         i0 = proc_cpu_seconds(influx_pid)
+        s0 = system_busy_seconds()
         w = Window()
         with GcPauses() as gcp:
             await asyncio.sleep(seconds)
@@ -245,6 +256,7 @@ async def run_once(
         acked = influx.records_out - acked0
         offered = rt.bus.published - emitted0
         influx_cpu = proc_cpu_seconds(influx_pid) - i0
+        others_cpu = system_busy_seconds() - s0 - influx_cpu - w.cpu
         window_lat = list(lat)
         ack_lat = list(influx.latencies)
         overruns = sum(d.overruns or 0 for d in rt.devices.values())
@@ -265,11 +277,13 @@ async def run_once(
             "cpu_us_per_record": w.cpu / max(acked, 1) * 1e6,
             "cpu_pct": w.cpu / w.elapsed * 100,
             "influxd_cpu_pct": influx_cpu / w.elapsed * 100,
+            "others_cpu_pct": max(0.0, others_cpu / w.elapsed * 100),
             "latency": percentiles_ms(window_lat),
             "ack": percentiles_ms(ack_lat),
             "overruns": overruns,
             "outlets": len(rt.outlets),
             "drain_s": drain_s,
+            "in_flight": in_flight,
             "gc": {
                 "collections": gcp.count,
                 "total_ms": round(gcp.total * 1e3, 1),
@@ -342,8 +356,11 @@ async def _run() -> dict[str, Any]:
         **{f"max_run_influx_ack_{k}": v for k, v in top["ack"].items()},
         daemon_cpu_pct=round(top["cpu_pct"]),
         influxd_cpu_pct=round(top["influxd_cpu_pct"]),
+        others_cpu_pct=round(top["others_cpu_pct"]),
+        latency_run_others_cpu_pct=round(low["others_cpu_pct"]),
         devices=DEVICES,
         outlets=top["outlets"],
+        influx_max_in_flight=top["in_flight"],
         seconds=seconds,
         gc_threshold=list(gc.get_threshold()),
         bench_gc=gc_spec or None,
