@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import tty
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,9 @@ async def test_serial_port_over_a_socat_pty_pair(pty_pair: tuple[Path, Path]) ->
     )
     sink = Sink()
     fd = os.open(test_side, os.O_RDWR | os.O_NOCTTY)
+    # socat makes the links before it sets raw mode on them: setting our side raw
+    # ourselves keeps the line discipline from rewriting "\r\n" when the test is quick
+    tty.setraw(fd)
     try:
         async with running(conn, sink):
             os.write(fd, b"SCALE READY\r\nST,GS,+0012.50 kg\r\nST,GS,")
