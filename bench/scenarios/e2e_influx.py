@@ -299,13 +299,16 @@ def apply_gc_env() -> str:
     """``BENCH_GC``: try garbage-collector settings other than the runtime's.
 
     ``"700,10,10"`` sets ``gc.set_threshold``; a ``freeze`` item calls ``gc.freeze()``
-    once the runtime is built, e.g. ``BENCH_GC=freeze,50000,20,100``. Applied after the
-    runtime started (which sets ``GC_THRESHOLDS`` and freezes what it built); unset: the
-    runtime's settings.
+    once the runtime is built, e.g. ``BENCH_GC=freeze,50000,20,100``; ``unfreeze`` undoes
+    the runtime's freeze (``BENCH_GC=unfreeze,700,10,10``: the interpreter's defaults).
+    Applied after the runtime started (which sets ``GC_THRESHOLDS`` and freezes what it
+    built); unset: the runtime's settings.
     """
     spec = os.environ.get("BENCH_GC", "")
     items = [x.strip() for x in spec.split(",") if x.strip()]
-    numbers = [int(x) for x in items if x != "freeze"]
+    if "unfreeze" in items:
+        gc.unfreeze()
+    numbers = [int(x) for x in items if x not in ("freeze", "unfreeze")]
     if numbers:
         gc.set_threshold(*numbers)
     if "freeze" in items:
