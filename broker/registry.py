@@ -20,6 +20,7 @@ DEVICE_KINDS: dict[str, str] = {
     "opcua": "plantbus.connectors.opcua",
     "mqtt": "plantbus.connectors.mqtt",
     "line": "plantbus.connectors.line",
+    "s7": "plantbus.connectors.s7",
 }
 
 SINK_KINDS: dict[str, str] = {
@@ -34,6 +35,7 @@ SINK_KINDS: dict[str, str] = {
 DEMO_SIMULATORS: dict[str, str] = {
     "modbus": "plantbus.connectors.modbus.demo",
     "opcua": "plantbus.connectors.opcua.demo",
+    "s7": "plantbus.connectors.s7.demo",
 }
 """Device kind -> module with ``demo_simulator() -> DemoSimulator`` (see broker/demo.py):
 an in-process protocol server that ``plantbus demo`` runs and reads with the real connector."""
