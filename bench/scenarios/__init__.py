@@ -3,4 +3,4 @@
 ``SCENARIOS`` is the order ``python -m bench`` runs them in.
 """
 
-SCENARIOS = ("ids", "encode", "bus", "e2e_influx", "bridges", "modbus", "opcua")
+SCENARIOS = ("ids", "encode", "bus", "e2e_influx", "bridges", "modbus", "opcua", "s7")
