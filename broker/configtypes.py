@@ -32,7 +32,7 @@ class StrictModel(BaseModel):
 
 def _duration(v: object) -> float:
     if isinstance(v, bool):
-        raise ValueError("a duration must be a string such as \"100ms\"")
+        raise ValueError('a duration must be a string such as "100ms"')
     if isinstance(v, float | int):
         # numbers are seconds, as a convenience for programmatic configs (TOML users write "5s")
         if v < 0:
