@@ -30,6 +30,7 @@ from plantbus.broker.connector import BuildContext
 from plantbus.broker.sinks.base import EncodedBatch, PermanentSinkError, RetryableSinkError
 from plantbus.broker.sinks.bridge import (
     BridgeConfig,
+    BridgeCounters,
     Delivery,
     RecordKey,
     Splitter,
@@ -111,7 +112,7 @@ def _routing_key(template: Template, rk: RecordKey) -> str:
     return key
 
 
-class AmqpSink:
+class AmqpSink(BridgeCounters):
     """Publishes encoded batches to one exchange of an AMQP 0-9-1 broker (RabbitMQ).
 
     Attributes:
@@ -145,22 +146,6 @@ class AmqpSink:
         self.returned_messages = 0
         self.returned_records = 0
         self._return_logged = -_RETURN_LOG_INTERVAL
-
-    @property
-    def messages_out(self) -> int:
-        return self._delivery.messages_out
-
-    @property
-    def records_out(self) -> int:
-        return self._delivery.records_out
-
-    @property
-    def resent_records(self) -> int:
-        return self._delivery.resent_records
-
-    @property
-    def slow_splits(self) -> int:
-        return self._splitter.slow_splits
 
     def _url(self) -> Any:
         from yarl import URL

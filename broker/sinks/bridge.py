@@ -43,6 +43,7 @@ from plantbus.broker.sinks.base import EncodedBatch, SinkConfig
 __all__ = [
     "PLACEHOLDERS",
     "BridgeConfig",
+    "BridgeCounters",
     "Delivery",
     "Message",
     "RecordKey",
@@ -422,3 +423,26 @@ class Delivery:
         self.messages = []
         self._acked = set()
         self._sent = set()
+
+
+class BridgeCounters:
+    """The delivery counters every bridge sink shows, read from its Delivery and Splitter."""
+
+    _delivery: Delivery
+    _splitter: Splitter[Any]
+
+    @property
+    def messages_out(self) -> int:
+        return self._delivery.messages_out
+
+    @property
+    def records_out(self) -> int:
+        return self._delivery.records_out
+
+    @property
+    def resent_records(self) -> int:
+        return self._delivery.resent_records
+
+    @property
+    def slow_splits(self) -> int:
+        return self._splitter.slow_splits

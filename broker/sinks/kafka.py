@@ -34,6 +34,7 @@ from plantbus.broker.connector import BuildContext
 from plantbus.broker.sinks.base import EncodedBatch, PermanentSinkError, RetryableSinkError
 from plantbus.broker.sinks.bridge import (
     BridgeConfig,
+    BridgeCounters,
     Delivery,
     RecordKey,
     Splitter,
@@ -129,7 +130,7 @@ def _kafka_topic(template: Template, rk: RecordKey) -> str:
     return topic or "_"
 
 
-class KafkaSink:
+class KafkaSink(BridgeCounters):
     """Produces encoded batches to Kafka.
 
     Attributes:
@@ -165,22 +166,6 @@ class KafkaSink:
         self._producer: Any = None
         self.connects = 0
         self.failed_requests = 0
-
-    @property
-    def messages_out(self) -> int:
-        return self._delivery.messages_out
-
-    @property
-    def records_out(self) -> int:
-        return self._delivery.records_out
-
-    @property
-    def resent_records(self) -> int:
-        return self._delivery.resent_records
-
-    @property
-    def slow_splits(self) -> int:
-        return self._splitter.slow_splits
 
     def _new_producer(self) -> Any:
         from aiokafka import AIOKafkaProducer

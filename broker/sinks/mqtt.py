@@ -29,6 +29,7 @@ from plantbus.broker.connector import BuildContext
 from plantbus.broker.sinks.base import EncodedBatch, PermanentSinkError, RetryableSinkError
 from plantbus.broker.sinks.bridge import (
     BridgeConfig,
+    BridgeCounters,
     Delivery,
     RecordKey,
     Splitter,
@@ -115,7 +116,7 @@ def _mqtt_value(v: str) -> str:
     return v.replace("+", "_").replace("#", "_").replace("\0", "_")
 
 
-class MqttSink:
+class MqttSink(BridgeCounters):
     """Publishes encoded batches to one MQTT broker.
 
     Attributes:
@@ -150,22 +151,6 @@ class MqttSink:
         self.connects = 0
 
     # -- counters ------------------------------------------------------------------------------
-
-    @property
-    def messages_out(self) -> int:
-        return self._delivery.messages_out
-
-    @property
-    def records_out(self) -> int:
-        return self._delivery.records_out
-
-    @property
-    def resent_records(self) -> int:
-        return self._delivery.resent_records
-
-    @property
-    def slow_splits(self) -> int:
-        return self._splitter.slow_splits
 
     # -- paho callbacks (paho's thread) -> the event loop -----------------------------------
 
