@@ -44,6 +44,7 @@ from plantbus.broker.sinks.base import (
     RetryableSinkError,
     Sink,
     SinkConfig,
+    SinkMetrics,
 )
 
 __all__ = ["Outlet", "SinkChannel", "group_key", "group_sinks", "make_buffer"]
@@ -221,6 +222,9 @@ class SinkChannel:
             "connected": int(self.connected),
             "failing": int(self.failing),
         }
+        if isinstance(self.sink, SinkMetrics):
+            # what only the sink knows (e.g. punt's circuit breaker), beside the outlet's counts
+            m.update(self.sink.metrics())
         m.update(_latency_summary(self.latencies))
         return m
 

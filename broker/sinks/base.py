@@ -7,8 +7,9 @@ encoding, buffering, retries and metrics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field, field_validator
 
@@ -20,6 +21,7 @@ __all__ = [
     "RetryableSinkError",
     "Sink",
     "SinkConfig",
+    "SinkMetrics",
 ]
 
 
@@ -71,6 +73,13 @@ class Sink(Protocol):
     async def write(self, batch: EncodedBatch) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SinkMetrics(Protocol):
+    """A sink with counters of its own: the outlet adds them to that sink's metrics."""
+
+    def metrics(self) -> Mapping[str, float | int]: ...
 
 
 class SinkConfig(StrictModel):
