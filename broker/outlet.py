@@ -40,6 +40,8 @@ from plantbus.broker.ids import id_time_ms
 from plantbus.broker.record import Record
 from plantbus.broker.sinks.base import (
     EncodedBatch,
+    MisconfiguredSinkError,
+    PartialWriteError,
     PermanentSinkError,
     RetryableSinkError,
     Sink,
@@ -170,11 +172,15 @@ class SinkChannel:
     Attributes:
         records_out / batches_out / bytes_out: acknowledged by the sink.
         retries: failed attempts (writes and connects) that were retried.
-        rejected / rejected_records: batches the sink refused for good, and their records.
+        rejected / rejected_records: batches the sink refused for good in whole or in part
+            (``PartialWriteError``), and the records it refused.
         undelivered_records: held in the buffer when the outlet stopped.
         last_error: the most recent failure, for status pages ("" when none yet).
         connected: the sink's ``connect()`` succeeded.
         failing: the latest attempt failed (cleared by the next success).
+        unhealthy: the latest attempt failed for a reason only an operator can fix
+            (``MisconfiguredSinkError``: credentials, privileges, ...; cleared by the next
+            success).
     """
 
     def __init__(self, config: SinkConfig, sink: Sink, buffer: Buffer, name: str):
@@ -192,6 +198,7 @@ class SinkChannel:
         ]
         self.connected = False
         self.failing = False
+        self.unhealthy = False
         self.records_out = 0
         self.batches_out = 0
         self.bytes_out = 0
@@ -204,6 +211,13 @@ class SinkChannel:
         self.last_error_time = 0.0
         # seconds from record ID stamping (read time) to acknowledgement, of each batch's oldest
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+
+    @property
+    def health(self) -> str:
+        """``ok``, ``retrying`` (a failure that may pass) or ``unhealthy`` (needs an operator)."""
+        if self.unhealthy:
+            return "unhealthy"
+        return "retrying" if self.failing else "ok"
 
     def metrics(self) -> dict[str, float | int]:
         m: dict[str, float | int] = {
@@ -221,9 +235,9 @@ class SinkChannel:
             "undelivered": self.undelivered_records,
             "connected": int(self.connected),
             "failing": int(self.failing),
+            "unhealthy": int(self.unhealthy),
         }
         if isinstance(self.sink, SinkMetrics):
-            # what only the sink knows (e.g. punt's circuit breaker), beside the outlet's counts
             m.update(self.sink.metrics())
         m.update(_latency_summary(self.latencies))
         return m
@@ -555,11 +569,15 @@ class Outlet:
         message = _describe(error)
         first = not ch.failing
         ch.failing = True
+        # only an operator can fix it: an error, logged once, not a warning per retry
+        misconfigured = isinstance(error, MisconfiguredSinkError)
+        ch.unhealthy = misconfigured
         ch.retries += 1
         if first or message != ch.last_error:
             # a traceback only for what no sink should raise: that is a bug, not an outage
             expected = isinstance(error, RetryableSinkError | PermanentSinkError | OSError)
-            log.warning(
+            log.log(
+                logging.ERROR if misconfigured else logging.WARNING,
                 "outlet %s: sink %s: %s failed (will retry): %s",
                 self.name,
                 ch.name,
@@ -580,6 +598,7 @@ class Outlet:
                 backoff.attempts + 1,
             )
         ch.failing = False
+        ch.unhealthy = False
         backoff.reset()
 
     async def _connect(self, ch: SinkChannel) -> None:
@@ -608,8 +627,12 @@ class Outlet:
                 async with asyncio.timeout(cfg.timeout):
                     await ch.sink.write(batch)
             except PermanentSinkError as e:
+                refused = batch.records
+                if isinstance(e, PartialWriteError):
+                    refused = min(max(e.rejected_records, 0), batch.records)
+                    ch.records_out += batch.records - refused
                 ch.rejected += 1
-                ch.rejected_records += batch.records
+                ch.rejected_records += refused
                 ch.last_error = _describe(e)
                 ch.last_error_time = time.time()
                 log.error(
@@ -691,9 +714,10 @@ class Outlet:
         return m
 
     def status(self) -> dict[str, Any]:
-        """Per sink: connected, failing, last error (for /healthz and the demo view)."""
+        """Per sink: health, connected, failing, last error (for /healthz and the demo view)."""
         return {
             ch.name: {
+                "health": ch.health,
                 "connected": ch.connected,
                 "failing": ch.failing,
                 "last_error": ch.last_error,

@@ -87,8 +87,8 @@ class Record:
             (severity in the top two bits: 0b10 Bad, 0b01 Uncertain); connectors of other
             protocols map their errors onto one (e.g. a Modbus exception to a Bad code that
             carries the exception number in its low bits) and document the mapping.
-        parent: the ID of the record this one was computed from (a punt-out result), else
-            ``None``.
+        parent: the uid of the record this one answers (a command's reply, a punt-out
+            result), else ``None``.
     """
 
     __slots__ = ("fields", "id", "parent", "quality", "series", "status", "time_ns")
@@ -133,6 +133,5 @@ class Record:
     def __repr__(self) -> str:
         return (
             f"Record({self.series.topic!r}, {self.fields!r}, time_ns={self.time_ns}, "
-            f"id={self.id!r}, quality={self.quality.label}, status={self.status!r}"
-            + (f", parent={self.parent!r})" if self.parent is not None else ")")
+            f"id={self.id!r}, quality={self.quality.label}, status={self.status!r})"
         )

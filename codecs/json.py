@@ -121,8 +121,6 @@ def _doc(record: Record, tags: dict[str, str]) -> tuple[dict[str, Any], int]:
     if status:
         doc["status"] = status
     if record.parent is not None:
-        if type(record.parent) is not str:
-            raise ValueError(f"parent {record.parent!r}: not a str")
         doc["parent"] = record.parent
     return doc, dropped
 
@@ -161,6 +159,7 @@ def encode(records: Sequence[Record], stats: EncodeStats | None = None) -> bytes
     for r in records:
         if (
             r.status is None
+            and r.parent is None
             and not r.quality
             and type(r.id) is str
             and type(r.time_ns) is int
@@ -168,18 +167,17 @@ def encode(records: Sequence[Record], stats: EncodeStats | None = None) -> bytes
         ):
             # all good and plain: share the record's dicts, json only reads them
             series = r.series
-            doc = {
-                "uid": r.id,
-                "topic": series.topic,
-                "measurement": series.measurement,
-                "time": r.time_ns,
-                "tags": _tags(r),
-                "fields": r.fields,
-                "quality": "good",
-            }
-            if r.parent is not None:
-                doc["parent"] = r.parent
-            append(doc)
+            append(
+                {
+                    "uid": r.id,
+                    "topic": series.topic,
+                    "measurement": series.measurement,
+                    "time": r.time_ns,
+                    "tags": _tags(r),
+                    "fields": r.fields,
+                    "quality": "good",
+                }
+            )
             continue
         try:
             doc, dropped = _doc(r, _tags(r))

@@ -7,7 +7,6 @@ encoding, buffering, retries and metrics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -17,6 +16,8 @@ from plantbus.broker.configtypes import BufferConfig, Duration, QueueConfig, Siz
 
 __all__ = [
     "EncodedBatch",
+    "MisconfiguredSinkError",
+    "PartialWriteError",
     "PermanentSinkError",
     "RetryableSinkError",
     "Sink",
@@ -57,11 +58,36 @@ class RetryableSinkError(Exception):
         self.retry_after = retry_after
 
 
+class MisconfiguredSinkError(RetryableSinkError):
+    """The upstream refuses us for a reason only an operator can fix: retry, but say so.
+
+    Credentials, privileges, a database the sink may not create. The batches wait in the
+    buffer and are retried like after any ``RetryableSinkError``; the outlet also marks the
+    sink ``unhealthy`` (its ``health`` in status and metrics) and logs the error once at
+    ERROR level rather than a warning, until a write or connect succeeds again.
+    """
+
+
 class PermanentSinkError(Exception):
     """The upstream refused the batch itself (e.g. HTTP 400): retrying cannot help.
 
     The outlet counts and logs the batch as rejected and moves on.
     """
+
+
+class PartialWriteError(PermanentSinkError):
+    """The upstream took part of the batch and refused the rest for good.
+
+    The outlet counts the refused records as rejected and the others as delivered.
+
+    Args:
+        rejected_records: records of the batch the upstream refused (the sink has put them
+            aside, e.g. in a dead-letter file, and says where in the message).
+    """
+
+    def __init__(self, message: str, *, rejected_records: int):
+        super().__init__(message)
+        self.rejected_records = rejected_records
 
 
 class Sink(Protocol):
@@ -77,9 +103,9 @@ class Sink(Protocol):
 
 @runtime_checkable
 class SinkMetrics(Protocol):
-    """A sink with counters of its own: the outlet adds them to that sink's metrics."""
+    """A sink that keeps counters of its own; the outlet adds them to the sink's metrics."""
 
-    def metrics(self) -> Mapping[str, float | int]: ...
+    def metrics(self) -> dict[str, int | float]: ...
 
 
 class SinkConfig(StrictModel):

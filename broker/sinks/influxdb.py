@@ -9,18 +9,33 @@ How answers map onto the outlet's retry rules:
 
 ====================================  =========================================================
 204 / 200                             written
-400 (partial write, type conflict,    ``PermanentSinkError`` with InfluxDB's text: the batch is
-unparsable line)                      counted as rejected, the next one goes on
-401 / 403                             ``RetryableSinkError``: credentials or privileges (a
-                                      config problem; retried with capped backoff)
-404 database not found,               the database (and retention policy) is created again and
-500 retention policy not found        the batch written once more at once; if that is not
-                                      allowed, ``RetryableSinkError``
-413                                   ``PermanentSinkError``: the batch is larger than
-                                      InfluxDB's ``max-body-size``
+400 (partial write, type conflict,    the bad lines are isolated by bisection (below), every
+unparsable line, beyond retention)    good line is written, the bad ones go to the dead-letter
+                                      file with InfluxDB's reason; ``PartialWriteError``
+                                      counts them as rejected, the rest as delivered
+401 / 403                             ``MisconfiguredSinkError``: credentials or privileges;
+                                      retried with capped backoff, the batches wait, the sink
+                                      is marked unhealthy and the error logged once
+404 database not found,               with ``create_database`` (the default) the database (and
+500 retention policy not found        retention policy) is created again and the batch written
+                                      once more at once; without it, or if the user may not,
+                                      ``MisconfiguredSinkError`` saying so
+413                                   the batch is split in halves at line boundaries and the
+                                      halves sent (recursively); a single line larger than
+                                      ``max-body-size`` goes to the dead-letter file
 429 / 503                             ``RetryableSinkError`` honouring ``Retry-After``
 other 5xx, connection errors          ``RetryableSinkError``
 ====================================  =========================================================
+
+Isolating bad lines: InfluxDB 1.x writes the good points of a batch it answers with 400
+(a partial write), so rewriting them is harmless (same series and timestamp: the same point).
+The batch is cut at line boundaries (a raw newline inside a quoted string value is not one)
+and each half that InfluxDB refuses again is cut again, until single lines are left. A part
+whose answer says every point in it was dropped (``dropped=N`` with N its lines, or
+unparsable with nothing parsed) is not cut further. k bad lines among n cost at most about
+2·k·log2(n) requests and log2(n) times the batch's bytes; past ``ISOLATE_MAX_REQUESTS``
+requests for one batch, or half the sink's ``timeout``, the parts not yet isolated go to the
+dead-letter file whole, marked "not isolated" (their good lines are in InfluxDB already).
 
 The protocol dialect lives in ``_V1Api`` (URLs, parameters, how to create what is missing),
 so the 2.x/3.x API (org, bucket, token) can come in as a sibling without touching the rest.
@@ -34,22 +49,27 @@ import email.utils
 import gzip as gzip_module
 import json
 import logging
+import re
 import ssl
 import time
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from plantbus.broker.configtypes import StrictModel, TlsConfig
+from plantbus.broker.configtypes import Size, StrictModel, TlsConfig
 from plantbus.broker.connector import BuildContext
 from plantbus.broker.sinks.base import (
     EncodedBatch,
+    MisconfiguredSinkError,
+    PartialWriteError,
     PermanentSinkError,
     RetryableSinkError,
     SinkConfig,
 )
+from plantbus.broker.sinks.deadletter import DeadLetterFile
 from plantbus.broker.units import parse_duration
 
 __all__ = ["Config", "InfluxDBSink", "RetentionPolicy", "build"]
@@ -59,6 +79,31 @@ log = logging.getLogger(__name__)
 _ERROR_TEXT_LIMIT = 2000  # characters of an error body kept for logs
 _GZIP_OFF_LOOP = 256 * 1024  # compress larger payloads in a thread (zlib releases the GIL)
 _MIN_RP_DURATION = 3600.0  # InfluxDB refuses retention policies shorter than one hour
+
+ISOLATE_MAX_REQUESTS = 256
+"""Requests one batch may spend isolating its bad lines after a 400 (see the module doc).
+
+About 2·log2(n) requests isolate one bad line among n: 256 isolate ~14 scattered bad lines
+in a 5000-line batch, or any number of bad lines that come in runs (a run whose lines were
+all dropped costs no more requests). Rewrites of good lines are idempotent in InfluxDB."""
+
+# one line of line protocol: the measurement and tags (escaped characters taken as pairs) up
+# to the first unescaped space, then fields and timestamp, where a quoted string value may
+# hold a raw newline; the line ends at the first newline outside quotes
+_LINE = re.compile(rb'(?:\\.|[^\\ \n])*(?: (?:"(?:\\.|[^"\\])*"|[^"\n])*)?\n?', re.DOTALL)
+_DROPPED = re.compile(r"dropped=(\d+)\s*$")
+_PARSE_ERROR = "unable to parse '"
+
+
+def _gzip_level(v: object) -> int:
+    # true = level 1 and false = off keep the configs written when gzip was on/off
+    if v is True:
+        return 1
+    if v is False:
+        return 0
+    if isinstance(v, int) and 0 <= v <= 9:
+        return v
+    raise ValueError("gzip is a level 1-9 (1 recommended), true (= 1) or false (off)")
 
 
 def _rp_duration(v: object) -> float:
@@ -99,7 +144,14 @@ class Config(SinkConfig):
         retention_policy: a policy to write to, created if missing; ``None`` writes to the
             database's default policy.
         username / password: HTTP basic auth (InfluxDB 1.x with ``auth-enabled``).
-        gzip: compress request bodies (level 1). It costs CPU: use it off-box only.
+        create_database: create the database (and retention policy) at connect and when it
+            disappears; ``False`` leaves that to the operator (a 404 is then an error).
+        gzip: compress request bodies at this level (1-9; true = 1, false/0 = off). It
+            costs CPU for a smaller body: use level 1, and only when InfluxDB is off-box.
+        dead_letter: the file for lines InfluxDB refused (default
+            ``<state_dir>/deadletter/<sink name>.lp``).
+        dead_letter_max_size: the dead-letter file's size limit; past it refused lines are
+            only counted.
         tls: the shared TLS table, for https URLs.
         uid_field: the line-protocol field that carries the record ID.
         max_in_flight: batches written at once (default 2). InfluxDB keys a point by
@@ -119,7 +171,10 @@ class Config(SinkConfig):
     retention_policy: RetentionPolicy | None = None
     username: str | None = None
     password: SecretStr | None = None
-    gzip: bool = False
+    create_database: bool = True
+    gzip: Annotated[int, BeforeValidator(_gzip_level)] = 0
+    dead_letter: Path | None = None
+    dead_letter_max_size: Size = 100 * 1024 * 1024
     tls: TlsConfig | None = None
     uid_field: str = Field(default="uid", min_length=1)
     max_in_flight: int = Field(default=2, ge=1)
@@ -179,16 +234,16 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _error_message(text: str) -> str:
-    """InfluxDB's ``{"error": "..."}`` text, or the raw body (shortened)."""
+def _error_message(text: str, limit: int | None = _ERROR_TEXT_LIMIT) -> str:
+    """InfluxDB's ``{"error": "..."}`` text, or the raw body (shortened to ``limit``)."""
     text = text.strip()
     try:
         doc = json.loads(text)
     except ValueError:
-        return text[:_ERROR_TEXT_LIMIT]
+        return text[:limit]
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-        return str(doc["error"])[:_ERROR_TEXT_LIMIT]
-    return text[:_ERROR_TEXT_LIMIT]
+        return str(doc["error"])[:limit]
+    return text[:limit]
 
 
 class _V1Api:
@@ -238,14 +293,15 @@ class _V1Api:
                 raise RetryableSinkError(
                     f"{self.config.url}/ping answered HTTP {r.status}: is this InfluxDB?"
                 )
-        await self.ensure_target(session, name)
+        if self.config.create_database:
+            await self.ensure_target(session, name)
 
     async def ensure_target(self, session: aiohttp.ClientSession, name: str) -> None:
         cfg = self.config
         db = cfg.database
         status, error, _ = await self._query(session, f"CREATE DATABASE {_ident(db)}")
         if status == 401:
-            raise RetryableSinkError(
+            raise MisconfiguredSinkError(
                 f"InfluxDB refused the credentials (HTTP 401: {error}): check username/password"
             )
         if status == 403:
@@ -324,12 +380,71 @@ def _rp_rows(result: dict[str, Any]) -> dict[str, tuple[float, bool]]:
     return out
 
 
+def split_lines(payload: bytes) -> list[bytes]:
+    """The lines of a line-protocol payload, each with its newline (raw newlines inside
+    quoted string values stay in their line)."""
+    lines: list[bytes] = []
+    pos, end = 0, len(payload)
+    match = _LINE.match
+    while pos < end:
+        m = match(payload, pos)
+        stop = m.end() if m is not None else end
+        if stop <= pos:  # cannot happen with a valid payload; never loop on a bad one
+            stop = end
+        lines.append(payload[pos:stop])
+        pos = stop
+    return lines
+
+
+def _parse_reasons(message: str) -> dict[bytes, str]:
+    """line -> reason from InfluxDB's "unable to parse 'LINE': REASON" list (one per line)."""
+    reasons: dict[bytes, str] = {}
+    for part in message.split("\n" + _PARSE_ERROR):
+        part = part.removeprefix(_PARSE_ERROR)
+        line, sep, reason = part.rpartition("': ")
+        if sep:
+            reasons[line.encode()] = f"unable to parse: {reason}"
+    return reasons
+
+
+def _all_refused(message: str, lines: int) -> bool:
+    """Whether a 400 says that none of the part's ``lines`` lines was written."""
+    if message.startswith(_PARSE_ERROR):
+        return True  # unparsable with no point parsed (a partial write says "partial write")
+    m = _DROPPED.search(message)
+    return m is not None and int(m.group(1)) >= lines
+
+
+class _Isolation:
+    """What isolating a batch's bad lines found: lines refused and requests spent."""
+
+    def __init__(self, lines: list[bytes]):
+        self.lines = lines
+        self.refused: list[tuple[bytes, str]] = []
+        self.requests = 0
+        self.bisect_requests = 0
+
+    def refuse(self, lo: int, hi: int, status: int, message: str, note: str = "") -> None:
+        """Refuse lines ``lo`` to ``hi``; each gets its own reason where InfluxDB gave one."""
+        reasons = _parse_reasons(message) if _PARSE_ERROR in message else {}
+        short = message[:_ERROR_TEXT_LIMIT]
+        for line in self.lines[lo:hi]:
+            reason = reasons.get(line.rstrip(b"\n"), short)
+            self.refused.append((line, f"{note}HTTP {status}: {reason}"))
+
+
 class InfluxDBSink:
-    """Writes encoded line-protocol batches to one InfluxDB database."""
+    """Writes encoded line-protocol batches to one InfluxDB database.
+
+    Attributes:
+        recreated: times the database or policy vanished and was made again.
+        dead_letter: the file refused lines go to.
+        isolate_requests: requests spent splitting batches after 400 and 413 answers.
+    """
 
     codec = "line_protocol"
 
-    def __init__(self, config: Config, name: str = "influxdb"):
+    def __init__(self, config: Config, name: str = "influxdb", dead_letter: Path | None = None):
         self.config = config
         self.name = name
         self._api = _V1Api(config)
@@ -339,7 +454,19 @@ class InfluxDBSink:
             self._headers["Content-Encoding"] = "gzip"
         # compressed bodies of the batches in flight, kept for their retries
         self._gzipped: list[tuple[EncodedBatch, bytes]] = []
-        self.recreated = 0  # times the database or policy vanished and was made again
+        self.recreated = 0
+        path = config.dead_letter or dead_letter or Path("deadletter") / f"{name}.lp"
+        self.dead_letter = DeadLetterFile(path, config.dead_letter_max_size, f"sink={name}")
+        self.isolate_requests = 0
+
+    def metrics(self) -> dict[str, int | float]:
+        """The sink's own counters (the outlet adds them to the sink's metrics)."""
+        return {
+            "dead_lettered": self.dead_letter.lines,
+            "dead_letter_dropped": self.dead_letter.dropped,
+            "isolate_requests": self.isolate_requests,
+            "recreated": self.recreated,
+        }
 
     def _new_session(self) -> aiohttp.ClientSession:
         cfg = self.config
@@ -365,16 +492,19 @@ class InfluxDBSink:
         except aiohttp.ClientError as e:
             raise RetryableSinkError(f"cannot reach InfluxDB at {self.config.url}: {e}") from e
 
+    async def _compress(self, data: bytes) -> bytes:
+        level = self.config.gzip
+        if len(data) > _GZIP_OFF_LOOP:
+            return await asyncio.to_thread(gzip_module.compress, data, level)
+        return gzip_module.compress(data, level)
+
     async def _body(self, batch: EncodedBatch) -> bytes:
         if not self.config.gzip:
             return batch.payload
         for held, body in self._gzipped:
             if held is batch:
                 return body
-        if len(batch.payload) > _GZIP_OFF_LOOP:
-            body = await asyncio.to_thread(gzip_module.compress, batch.payload, 1)
-        else:
-            body = gzip_module.compress(batch.payload, 1)
+        body = await self._compress(batch.payload)
         self._gzipped.append((batch, body))
         # as many as batches may be in flight; one pushed out while still being retried is
         # just compressed again
@@ -382,7 +512,13 @@ class InfluxDBSink:
         return body
 
     async def write(self, batch: EncodedBatch) -> None:
-        """Write one batch; raises ``RetryableSinkError`` or ``PermanentSinkError``."""
+        """Write one batch.
+
+        Raises:
+            RetryableSinkError: nothing refused for good; the whole batch may be sent again.
+            PartialWriteError: some lines were refused (they are in the dead-letter file).
+            PermanentSinkError: none of the batch can be written.
+        """
         session = self._session
         if session is None or session.closed:
             raise RetryableSinkError("not connected")
@@ -390,6 +526,8 @@ class InfluxDBSink:
         try:
             status, message, headers = await self._post(session, body)
             if status >= 300 and self._api.missing_target(status, message):
+                if not self.config.create_database:
+                    raise self._error(status, message, headers, batch)
                 log.warning(
                     "sink %s: %s; creating it again and writing batch %d once more",
                     self.name,
@@ -399,14 +537,77 @@ class InfluxDBSink:
                 await self._api.ensure_target(session, self.name)
                 self.recreated += 1
                 status, message, headers = await self._post(session, body)
+            if status in (400, 413):
+                await self._isolate(session, batch, status, message)
+                return
         except aiohttp.ClientError as e:
             raise RetryableSinkError(f"{self._api.write_url}: {_describe(e)}") from e
         if status in (200, 204):
             return
         raise self._error(status, message, headers, batch)
 
+    async def _isolate(
+        self, session: aiohttp.ClientSession, batch: EncodedBatch, status: int, message: str
+    ) -> None:
+        """Split a batch InfluxDB refused (400 or 413) until every good line is written.
+
+        Refused lines go to the dead-letter file and are reported by ``PartialWriteError``;
+        if none is left over the batch counts as written. Any other answer on the way
+        raises as for a whole batch (the batch is then sent again from its start).
+        """
+        found = _Isolation(split_lines(batch.payload))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout / 2
+        # depth first, first half first: parts of the batch with the answer they got
+        todo = [(0, len(found.lines), status, message)]
+        try:
+            while todo:
+                lo, hi, st, msg = todo.pop()
+                if st in (200, 204):
+                    continue
+                if st not in (400, 413):
+                    raise self._error(st, msg, {}, batch)
+                if hi - lo == 1 or (st == 400 and _all_refused(msg, hi - lo)):
+                    found.refuse(lo, hi, st, msg)
+                    continue
+                over = found.bisect_requests >= ISOLATE_MAX_REQUESTS or loop.time() > deadline
+                if st == 400 and over:
+                    found.refuse(lo, hi, st, msg, "not isolated (budget spent): ")
+                    continue
+                mid = (lo + hi) // 2
+                answers = []
+                for a, b in ((lo, mid), (mid, hi)):
+                    part = b"".join(found.lines[a:b])
+                    body = await self._compress(part) if self.config.gzip else part
+                    found.requests += 1
+                    if st == 400:
+                        found.bisect_requests += 1
+                    part_status, part_msg, _ = await self._post(session, body, limit=None)
+                    answers.append((a, b, part_status, part_msg))
+                todo.extend(reversed(answers))
+        finally:
+            self.isolate_requests += found.requests
+        refused = found.refused
+        if not refused:
+            log.info(
+                "sink %s: batch %d (%d bytes) split into parts InfluxDB took (%d requests)",
+                self.name,
+                batch.seq,
+                len(batch.payload),
+                found.requests,
+            )
+            return
+        kept = self.dead_letter.append(refused, f"batch={batch.seq}")
+        where = f"to {self.dead_letter.path}" if kept else "but NOT kept (see the error above)"
+        raise PartialWriteError(
+            f"InfluxDB refused {len(refused)} of {len(found.lines)} lines of batch {batch.seq} "
+            f"(the others are written; {found.requests} more requests); the refused lines "
+            f"went {where}; first reason: {refused[0][1][:_ERROR_TEXT_LIMIT]}",
+            rejected_records=len(refused),
+        )
+
     async def _post(
-        self, session: aiohttp.ClientSession, body: bytes
+        self, session: aiohttp.ClientSession, body: bytes, limit: int | None = _ERROR_TEXT_LIMIT
     ) -> tuple[int, str, dict[str, str]]:
         async with session.post(
             self._api.write_url, params=self._api.write_params, data=body, headers=self._headers
@@ -414,32 +615,32 @@ class InfluxDBSink:
             if r.status in (200, 204):
                 return r.status, "", {}
             text = await r.text(errors="replace")
-            return r.status, _error_message(text), {"Retry-After": r.headers.get("Retry-After", "")}
+            retry_after = {"Retry-After": r.headers.get("Retry-After", "")}
+            return r.status, _error_message(text, limit), retry_after
 
     def _error(
         self, status: int, message: str, headers: dict[str, str], batch: EncodedBatch
     ) -> Exception:
         what = f"InfluxDB answered HTTP {status}"
+        message = message[:_ERROR_TEXT_LIMIT]
         if status == 400:
             return PermanentSinkError(f"{what}: {message}")
         if status in (401, 403):
-            return RetryableSinkError(
+            return MisconfiguredSinkError(
                 f"{what} (authentication/authorization; check username, password and the "
                 f"user's WRITE privilege on {self.config.database!r}): {message}"
             )
         if status == 404:
+            if not self.config.create_database:
+                return MisconfiguredSinkError(
+                    f"{what}: {message} (create_database = false: create the database "
+                    f"{self.config.database!r} in InfluxDB)"
+                )
             # the database is gone and could not be created again (no admin rights?): an
             # operator can fix that, so the batch waits rather than being thrown away
-            return RetryableSinkError(
+            return MisconfiguredSinkError(
                 f"{what}: {message} (create the database, or give the user admin rights "
                 "so plantbus can)"
-            )
-        if status == 413:
-            return PermanentSinkError(
-                f"{what}: batch of {len(batch.payload)} bytes ({batch.records} records) is "
-                f"larger than InfluxDB accepts; lower batch_bytes (now "
-                f"{self.config.batch_bytes}) or raise max-body-size in InfluxDB's [http] "
-                f"section: {message}"
             )
         if status in (429, 503) or status >= 500:
             return RetryableSinkError(
@@ -464,4 +665,5 @@ def _describe(error: BaseException) -> str:
 
 def build(config: Config, ctx: BuildContext) -> InfluxDBSink:
     """Build the sink (nothing is contacted until the outlet connects it)."""
-    return InfluxDBSink(config, config.name or "influxdb")
+    name = config.name or "influxdb"
+    return InfluxDBSink(config, name, ctx.state_dir / "deadletter" / f"{name}.lp")

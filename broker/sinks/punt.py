@@ -27,8 +27,10 @@ a result that cannot be placed (no          counted (``invalid_results``) and le
 ``parent`` not in the batch, a ``topic``
 this sink subscribes to)
 400, 413, 422 and other 4xx                 ``PermanentSinkError`` with the function's text
-401, 403, 404, 408, 429, 5xx, connection    ``RetryableSinkError`` (``Retry-After`` honoured),
-errors, timeouts                            and a failure for the circuit breaker
+408, 429, 5xx, connection errors, timeouts  ``RetryableSinkError`` (``Retry-After`` honoured),
+                                            and a failure for the circuit breaker
+401, 403, 404                               ``MisconfiguredSinkError`` (retried, the sink shown
+                                            unhealthy), and a failure for the breaker
 ==========================================  ====================================================
 
 The circuit breaker (``breaker = { failures, cool_down }``) opens after ``failures``
@@ -56,6 +58,7 @@ from plantbus.broker.ids import new_ids
 from plantbus.broker.record import Record
 from plantbus.broker.sinks.base import (
     EncodedBatch,
+    MisconfiguredSinkError,
     PermanentSinkError,
     RetryableSinkError,
     SinkConfig,
@@ -73,9 +76,12 @@ ANSWER_PREVIEW = 300
 """Characters of a function's answer quoted in an error (enough to recognise an HTML page or
 a stack trace, short enough for one log line)."""
 
-_RETRYABLE_4XX = frozenset({401, 403, 404, 408, 429})
-"""Client errors that say nothing about the batch: credentials, a wrong path, a busy
-function. Retried (a config fix or a restart of the function brings the batches through)."""
+_MISCONFIGURED = frozenset({401, 403, 404})
+"""Answers only an operator can fix (credentials, a wrong path): retried, the sink marked
+unhealthy (``MisconfiguredSinkError``); a config fix brings the batches through."""
+
+_BUSY = frozenset({408, 429})
+"""Client errors that say the function is busy, not that the batch is wrong: retried."""
 
 _INVALID_LOG_INTERVAL = 60.0  # seconds between warnings about results that were left out
 
@@ -263,9 +269,10 @@ class PuntSink:
             self.breaker.success()
             return [] if status == 204 else self._results(batch, body)
         text = _preview(body)
-        if status >= 500 or status in _RETRYABLE_4XX:
+        if status >= 500 or status in _BUSY or status in _MISCONFIGURED:
             self.breaker.failure()
-            raise RetryableSinkError(f"{self._url}: HTTP {status}: {text}", retry_after=retry_after)
+            error = MisconfiguredSinkError if status in _MISCONFIGURED else RetryableSinkError
+            raise error(f"{self._url}: HTTP {status}: {text}", retry_after=retry_after)
         # the function is up and refuses this batch: retrying it cannot help
         self.breaker.success()
         self.refused += 1

@@ -268,32 +268,6 @@ async def test_gzip_with_batches_in_flight_retries_the_right_body(influxdb, infl
     assert (m["records_out"], m["batches_out"], m["retries"]) == (60, 6, 4)
 
 
-async def test_partial_write_rejects_that_batch_and_the_next_ones_arrive(influxdb, influx_db):
-    # temp is an integer field in this database already: a float temp is a type conflict
-    status, text = influxdb.write(influx_db, f"conflict temp=1i {time.time_ns()}".encode())
-    assert status == 204, text
-    bad = make_records(10, Series("plant/h1/c", "conflict", {"device": "c"}))
-    good = make_records(30)
-    cfg = sink_config(influxdb.url, influx_db, batch_size=10, flush_interval="60s")
-    outlet = await deliver(cfg, [bad, good[:10], good[10:20], good[20:]])
-    assert_all_once(influxdb, influx_db, good)
-    m = outlet.metrics()
-    assert (m["rejected"], m["rejected_records"], m["records_out"]) == (1, 10, 30)
-    error = outlet.channels[0].last_error
-    assert error.startswith("PermanentSinkError: InfluxDB answered HTTP 400: partial write")
-    assert "field type conflict" in error
-
-
-async def test_413_is_rejected_with_advice(influxdb, influx_db):
-    async with FaultProxy(influxdb.url) as proxy:
-        proxy.fail(413, body='{"error":"Request Entity Too Large"}')
-        cfg = sink_config(proxy.url, influx_db, batch_size=10, flush_interval="60s")
-        outlet = await deliver(cfg, [make_records(10), (kept := make_records(10))])
-    assert_all_once(influxdb, influx_db, kept)
-    assert outlet.metrics()["rejected"] == 1
-    assert "lower batch_bytes" in outlet.channels[0].last_error
-
-
 async def test_401_is_retried_with_a_clear_message(influxdb, influx_db):
     sent = make_records(10)
     async with FaultProxy(influxdb.url) as proxy:

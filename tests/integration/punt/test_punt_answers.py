@@ -21,7 +21,12 @@ from plantbus.broker.connector import BuildContext
 from plantbus.broker.ids import new_ids
 from plantbus.broker.record import Record, Series
 from plantbus.broker.sinks import punt
-from plantbus.broker.sinks.base import EncodedBatch, PermanentSinkError, RetryableSinkError
+from plantbus.broker.sinks.base import (
+    EncodedBatch,
+    MisconfiguredSinkError,
+    PermanentSinkError,
+    RetryableSinkError,
+)
 from plantbus.codecs import json as json_codec
 
 SOURCE = Series("plant/press", "press", {"device": "press"})
@@ -195,6 +200,15 @@ async def test_busy_function_is_retried_after_what_it_asks(function: Function) -
     assert 29.0 < (info.value.retry_after or 0) <= 30.0
     assert len(function.requests) == 2
     assert sink.metrics()["breaker_state"] == 1
+
+
+async def test_wrong_path_is_an_operators_problem(function: Function) -> None:
+    sink = make_sink(function.url, Published())
+    function.status, function.body = 404, b"no such function"
+    with pytest.raises(MisconfiguredSinkError, match="HTTP 404: 'no such function'"):
+        await sink.write(batch(1)[0])
+    await sink.close()
+    assert sink.metrics()["breaker_consecutive_failures"] == 1
 
 
 async def test_unreachable_function_is_a_breaker_failure() -> None:
