@@ -6,7 +6,8 @@ cancels another device or a sink.
 
 Stopping drains in order: connectors first (so nothing new enters the bus), then every
 outlet flushes what it queued and buffered within one bounded total time
-(``node.shutdown_timeout``), then the sinks are closed. One ``drained:`` line per device and
+(``node.shutdown_timeout``), those whose sinks publish onto the bus (punt) before the others,
+then the sinks are closed. One ``drained:`` line per device and
 per outlet reports what went in and what came out, so an operator (or a test) can check
 that nothing was lost.
 
@@ -680,9 +681,15 @@ class Runtime:
             _, pending = await asyncio.wait(tasks, timeout=max(0.1, deadline - time.monotonic()))
             for t in pending:
                 log.warning("device task %s did not stop in time", t.get_name())
-        # 2. outlets: flush queued and buffered records, close sinks, in parallel
-        remaining = max(0.0, deadline - time.monotonic())
-        await asyncio.gather(*(self._stop_outlet(o, remaining) for o in self.outlets.values()))
+        # 2. outlets whose sinks publish onto the bus (punt results) flush first, while the
+        # outlets that may take what they publish still read the bus; 3. then the others.
+        # Outlets of one stage stop in parallel (a punt fed by another punt's results is in
+        # the same stage: what the first publishes last may miss the second).
+        outlets = list(self.outlets.values())
+        publishing = [o for o in outlets if _publishes(o)]
+        for stage in (publishing, [o for o in outlets if o not in publishing]):
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.gather(*(self._stop_outlet(o, remaining) for o in stage))
         elapsed = time.monotonic() - t0
         self._log_drained(elapsed, budget)
 
@@ -750,6 +757,11 @@ class Runtime:
             "devices": {name: d.metrics() for name, d in self.devices.items()},
             "outlets": {name: o.metrics() for name, o in self.outlets.items()},
         }
+
+
+def _publishes(handle: OutletHandle) -> bool:
+    """Whether a sink of the outlet publishes onto the bus (``PUBLISHES = True``, e.g. punt)."""
+    return any(getattr(ch.sink, "PUBLISHES", False) for ch in handle.outlet.channels)
 
 
 def _plural(n: int, word: str) -> str:

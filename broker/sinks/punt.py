@@ -183,6 +183,9 @@ class PuntSink:
     """
 
     codec = "json"
+    PUBLISHES: ClassVar[bool] = True
+    """It publishes onto the bus: the runtime drains it before the outlets that may take its
+    results."""
 
     def __init__(self, config: Config, publish: Publish, name: str = "punt"):
         self.config = config

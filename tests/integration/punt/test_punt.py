@@ -210,3 +210,20 @@ async def test_garbage_answer_rejects_the_batch_once(
     assert "not a JSON array of records" in rejections[0]
     assert "502 Bad Gateway" in rejections[0]  # the function's own text, shortened
     assert "characters)" in rejections[0] and len(rejections[0]) < 1000
+
+
+async def test_drain_delivers_the_last_results_to_the_sinks_that_take_them(
+    tmp_path: Path, function_server
+) -> None:  # type: ignore[no-untyped-def]
+    fn = function_server()
+    scores = tmp_path / "scores.lp"
+    stored = config(fn.url) + (
+        '\n[[sinks.file]]\nname = "scores"\npath = "scores.lp"\nsubscribe = ["analytics/#"]\n'
+    )
+    async with punt_run(tmp_path, stored, "plant/#", "analytics/#") as run:
+        await run.until(lambda: len(run.results.records) >= 200)
+    # results of the batches flushed during the drain reached the file sink too: the punt
+    # outlet stops before the outlets that may take its results
+    lines = scores.read_text().splitlines()
+    assert len(lines) == len(run.results.records) == len(run.sources.records)
+    assert {line.split('uid="')[1][:36] for line in lines} == {r.id for r in run.results.records}
