@@ -559,14 +559,16 @@ class InfluxDBSink:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout / 2
         # depth first, first half first: parts of the batch with the answer they got
-        todo = [(0, len(found.lines), status, message)]
+        todo: list[tuple[int, int, int, str, dict[str, str]]] = [
+            (0, len(found.lines), status, message, {})
+        ]
         try:
             while todo:
-                lo, hi, st, msg = todo.pop()
+                lo, hi, st, msg, headers = todo.pop()
                 if st in (200, 204):
                     continue
                 if st not in (400, 413):
-                    raise self._error(st, msg, {}, batch)
+                    raise self._error(st, msg, headers, batch)
                 if hi - lo == 1 or (st == 400 and _all_refused(msg, hi - lo)):
                     found.refuse(lo, hi, st, msg)
                     continue
@@ -582,8 +584,7 @@ class InfluxDBSink:
                     found.requests += 1
                     if st == 400:
                         found.bisect_requests += 1
-                    part_status, part_msg, _ = await self._post(session, body, limit=None)
-                    answers.append((a, b, part_status, part_msg))
+                    answers.append((a, b, *await self._post(session, body, limit=None)))
                 todo.extend(reversed(answers))
         finally:
             self.isolate_requests += found.requests
