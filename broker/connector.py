@@ -7,12 +7,13 @@ subclass) and ``build(config, ctx) -> Connector``. Driver libraries are imported
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from plantbus.broker.configtypes import Duration, StrictModel
 from plantbus.broker.record import FieldValue, Record
@@ -24,6 +25,8 @@ __all__ = [
     "DiscoverError",
     "Emit",
     "WritableConnector",
+    "WritablePointConfig",
+    "WritePoint",
     "WriteResult",
 ]
 
@@ -45,20 +48,95 @@ class Connector(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Per point: ``None`` when written, else the reason it was refused."""
+    """Per point: ``None`` when written, else the reason it was not.
+
+    A reason starts with its class, which the command reply passes on: ``refused: …``
+    (the connector will not write it), ``out of range: …`` (the value does not fit the
+    point's type), ``device error: …`` (the device answered with an error) or
+    ``timeout: …`` (no answer in time; the connection was torn down).
+    """
 
     errors: Mapping[str, str | None] = field(default_factory=dict)
 
 
-@runtime_checkable
-class WritableConnector(Protocol):
-    """A connector that also accepts commands (write-back) to the device."""
+ValueKind = Literal["bool", "int", "float", "str"]
+"""What a point accepts: a boolean, an integer, any number, or a string."""
+
+
+@dataclass(frozen=True, slots=True)
+class WritePoint:
+    """What a command may do to one point of a writable device.
+
+    Attributes:
+        name: the point (field) name.
+        writable: ``writable = true`` in its config.
+        kind: the values it accepts (``None``: the device decides, e.g. an OPC UA variable
+            whose type is only known from the server).
+        limits: ``write_limits = [low, high]``: the inclusive range of numeric values.
+    """
 
     name: str
+    writable: bool
+    kind: ValueKind | None = None
+    limits: tuple[float, float] | None = None
+
+
+@runtime_checkable
+class WritableConnector(Protocol):
+    """A connector that also accepts commands (write-back) to the device.
+
+    ``write_points`` lists every point of the device (writable or not) so a command to a
+    point can be told apart from a command to something the device does not have.
+    ``write`` must interleave safely with ``run`` on the same connection and follow the
+    connector's timeout rule (a timeout tears the connection down).
+    """
+
+    name: str
+    write_points: Mapping[str, WritePoint]
 
     async def run(self, emit: Emit) -> None: ...
 
     async def write(self, points: Mapping[str, FieldValue]) -> WriteResult: ...
+
+
+class WritablePointConfig(StrictModel):
+    """The write-back keys of a point; the point models of writable device kinds extend it.
+
+    Attributes:
+        writable: commands may write this point (default: they may not).
+        write_limits: ``[low, high]``: a command value outside is refused (numeric points).
+    """
+
+    writable: bool = False
+    write_limits: tuple[float, float] | None = None
+
+    @field_validator("write_limits")
+    @classmethod
+    def _ordered_limits(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is None:
+            return v
+        low, high = v
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"write_limits must be finite numbers, not [{low}, {high}]")
+        if low > high:
+            raise ValueError(f"write_limits [{low:g}, {high:g}]: low is above high")
+        return v
+
+    @model_validator(mode="after")
+    def _limits_need_writable(self) -> WritablePointConfig:
+        if self.write_limits is not None and not self.writable:
+            raise ValueError("write_limits is set but writable is not true")
+        return self
+
+    def write_point(self, name: str, kind: ValueKind | None) -> WritePoint:
+        """The ``WritePoint`` of this point, whose values are of ``kind``.
+
+        Raises:
+            ValueError: ``write_limits`` on a point that takes no numbers.
+        """
+        if self.write_limits is not None and kind in ("bool", "str"):
+            raise ValueError(f"write_limits applies only to numbers, not to a {kind} point")
+        return WritePoint(name, self.writable, kind, self.write_limits)
 
 
 class DiscoverError(Exception):

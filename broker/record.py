@@ -87,9 +87,11 @@ class Record:
             (severity in the top two bits: 0b10 Bad, 0b01 Uncertain); connectors of other
             protocols map their errors onto one (e.g. a Modbus exception to a Bad code that
             carries the exception number in its low bits) and document the mapping.
+        parent: the uid of the record this one answers (a command's reply, a punt-out
+            result), else ``None``.
     """
 
-    __slots__ = ("fields", "id", "quality", "series", "status", "time_ns")
+    __slots__ = ("fields", "id", "parent", "quality", "series", "status", "time_ns")
 
     def __init__(
         self,
@@ -99,6 +101,7 @@ class Record:
         id: str,
         quality: Quality = Quality.GOOD,
         status: dict[str, int] | None = None,
+        parent: str | None = None,
     ):
         self.series = series
         self.fields = fields
@@ -106,6 +109,7 @@ class Record:
         self.id = id
         self.quality = quality
         self.status = status
+        self.parent = parent
 
     @property
     def topic(self) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 
 from plantbus.broker.backoff import Backoff
 from plantbus.broker.bus import Bus
+from plantbus.broker.commands import CommandRouter
 from plantbus.broker.config import ConfigError, DeviceEntry, PlantbusConfig, SinkEntry, load_config
 from plantbus.broker.connector import BuildContext, Connector
 from plantbus.broker.outlet import Outlet, group_sinks
@@ -122,6 +123,7 @@ class DeviceHandle:
         emitted: records published to the bus (counted after ``publish`` returned).
         last: the last record published, for the live view.
         task: the supervisor's task while running.
+        topic: the device's topic (commands to it arrive on ``$cmd/<topic>``).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class DeviceHandle:
         self.emitted = 0
         self.last: Record | None = None
         self.task: asyncio.Task[None] | None = None
+        self.topic = ""  # the device's topic; commands arrive on "$cmd/<topic>"
         self.supervisor = Supervisor(
             connector.name,
             lambda: connector.run(self.emit),
@@ -221,6 +224,8 @@ class Runtime:
     Attributes:
         bus: the bus every device publishes to.
         devices: device name -> handle.
+        commands: the write-back router (``$cmd/…`` -> devices, replies on ``$reply/…``),
+            built with the devices.
         outlets: outlet name -> handle.
         forced: True when a second SIGINT aborted the drain.
     """
@@ -240,6 +245,8 @@ class Runtime:
         self.bus = Bus()
         self.devices: dict[str, DeviceHandle] = {}
         self.outlets: dict[str, OutletHandle] = {}
+        self.commands: CommandRouter | None = None
+        self._commands_task: asyncio.Task[None] | None = None
         self.forced = False
         self.started_at: float | None = None
         self._handle_signals = handle_signals
@@ -273,9 +280,18 @@ class Runtime:
             raise BuildError(
                 f"{entry.where}: device {entry.name!r} could not be built: {describe_error(exc)}"
             ) from exc
-        return DeviceHandle(
+        handle = DeviceHandle(
             entry, connector, self.bus.publish, self._device_backoff(), self._healthy_after
         )
+        handle.topic = ctx.topic(entry.config)
+        return handle
+
+    def device_for_topic(self, topic: str) -> Connector | None:
+        """The connector of the running device whose topic is ``topic`` (for commands)."""
+        for handle in self.devices.values():
+            if handle.topic == topic:
+                return handle.connector
+        return None
 
     def _build_sinks(
         self, entries: Sequence[SinkEntry], ctx: BuildContext
@@ -362,6 +378,7 @@ class Runtime:
                 continue
             handle = self._build_device(entry, ctx)
             self.devices[handle.name] = handle
+        self.commands = CommandRouter(self.bus, self.device_for_topic)
         self._built = True
 
     # -- running -----------------------------------------------------------------------------
@@ -399,6 +416,8 @@ class Runtime:
                 # outlets first: their subscriptions must exist before the first record
                 for o in self.outlets.values():
                     self._start_outlet(o)
+                if self.commands is not None:
+                    self._commands_task = tg.create_task(self.commands.run(), name="commands")
                 for d in self.devices.values():
                     self._start_device(d)
                 self.started_at = time.monotonic()
@@ -649,8 +668,10 @@ class Runtime:
         t0 = time.monotonic()
         budget = self.shutdown_timeout
         deadline = t0 + budget
-        # 1. connectors: nothing new enters the bus after this
+        # 1. connectors and the command router: nothing new enters the bus after this
         tasks = [d.task for d in self.devices.values() if d.task is not None and not d.task.done()]
+        if self._commands_task is not None and not self._commands_task.done():
+            tasks.append(self._commands_task)
         for t in tasks:
             t.cancel()
         if tasks:

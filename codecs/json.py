@@ -111,6 +111,8 @@ def _doc(record: Record, tags: dict[str, str]) -> tuple[dict[str, Any], int]:
     }
     if status:
         doc["status"] = status
+    if record.parent is not None:
+        doc["parent"] = record.parent
     return doc, dropped
 
 
@@ -119,7 +121,7 @@ def record_to_dict(record: Record) -> dict[str, Any]:
 
     Returns:
         ``uid``, ``topic``, ``measurement``, ``time``, ``tags``, ``fields``, ``quality`` and,
-        when some point is not good, ``status``.
+        when some point is not good, ``status``; ``parent`` when the record has one.
 
     Raises:
         ValueError: a value is not a number, boolean or string, the id not a string or the
@@ -148,6 +150,7 @@ def encode(records: Sequence[Record], stats: EncodeStats | None = None) -> bytes
     for r in records:
         if (
             r.status is None
+            and r.parent is None
             and not r.quality
             and type(r.id) is str
             and type(r.time_ns) is int

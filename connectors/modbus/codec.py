@@ -33,7 +33,15 @@ from dataclasses import dataclass
 
 from plantbus.connectors.modbus.config import BIT_AREAS, Config, PointConfig
 
-__all__ = ["Decoder", "Point", "compile_decoder", "decode_string", "resolve_points"]
+__all__ = [
+    "Decoder",
+    "EncodeError",
+    "Point",
+    "compile_decoder",
+    "decode_string",
+    "encode_registers",
+    "resolve_points",
+]
 
 Decoder = Callable[[Sequence[int] | Sequence[bool], dict[str, object]], None]
 """``decode(registers_or_bits, fields)``: add the read's point values to ``fields``."""
@@ -170,3 +178,78 @@ def compile_decoder(area: str, address: int, count: int, points: Sequence[Point]
     source = "\n".join(head + (lines or ["    pass"])) + "\n"
     exec(compile(source, f"<modbus decoder {area} {address}+{count}>", "exec"), env)
     return env["_decode"]  # type: ignore[return-value]
+
+
+# -- encoding (write-back) -----------------------------------------------------------------------
+
+_INT_RANGES = {
+    "int16": (-(1 << 15), (1 << 15) - 1),
+    "uint16": (0, (1 << 16) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "uint32": (0, (1 << 32) - 1),
+    "int64": (-(1 << 63), (1 << 63) - 1),
+    "uint64": (0, (1 << 64) - 1),
+}
+_INT_FORMATS = {"int16": "h", "uint16": "H", **_FORMATS}
+
+
+class EncodeError(ValueError):
+    """A value that the point's type cannot hold; the message is the command's reason."""
+
+
+def _raw(p: Point, value: float | int) -> float | int:
+    """The value with the point's scale and offset applied in reverse."""
+    if p.scale is None and p.offset is None:
+        return value
+    scale = 1.0 if p.scale is None else p.scale
+    offset = 0.0 if p.offset is None else p.offset
+    return (value - offset) / scale
+
+
+def encode_registers(p: Point, value: object) -> list[int]:
+    """The registers that hold ``value`` at point ``p`` (a register point, not a bit).
+
+    The reverse of the decoder: scale and offset undone (``(value - offset) / scale``,
+    rounded to the nearest integer for integer types), packed big-endian, then the words
+    and the bytes within each word reordered by ``word_order`` and ``byte_order``.
+
+    Raises:
+        EncodeError: the value does not fit the type (``out of range: …``), or is not of it.
+    """
+    kind = p.type
+    if kind == "string":
+        if not isinstance(value, str):
+            raise EncodeError(f"refused: point {p.name!r} takes a string, not {value!r}")
+        data = value.encode("utf-8")
+        room = 2 * p.size
+        if len(data) > room:
+            raise EncodeError(
+                f"out of range: {len(data)} bytes do not fit the {room} of point {p.name!r}"
+            )
+        data = data.ljust(room, b"\0")
+    elif kind == "bool":
+        data = struct.pack(">H", 1 if value else 0)
+    else:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EncodeError(f"refused: point {p.name!r} takes a number, not {value!r}")
+        raw = _raw(p, value)
+        limits = _INT_RANGES.get(kind)
+        if limits is not None:
+            raw = round(raw)
+            if not limits[0] <= raw <= limits[1]:
+                raise EncodeError(
+                    f"out of range: {value!r} is {raw} on the device, outside {kind} "
+                    f"[{limits[0]}, {limits[1]}]"
+                )
+        try:
+            data = struct.pack(">" + _INT_FORMATS[kind], raw)
+        except (OverflowError, struct.error):
+            raise EncodeError(f"out of range: {value!r} does not fit {kind}") from None
+    words = [data[i : i + 2] for i in range(0, len(data), 2)]
+    if p.word_order == "little" and kind in _FORMATS:
+        words.reverse()
+    little_bytes = p.byte_order == "little"
+    return [
+        (w[1] << 8 | w[0]) if little_bytes else (w[0] << 8 | w[1])  # type: ignore[index]
+        for w in words
+    ]

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from plantbus.broker.configtypes import Duration, StrictModel
-from plantbus.broker.connector import DeviceConfig
+from plantbus.broker.connector import DeviceConfig, ValueKind, WritablePointConfig
 
 __all__ = [
     "BIT_AREAS",
@@ -22,6 +22,7 @@ __all__ = [
     "MAX_REGISTERS_PER_REQUEST",
     "REGISTER_AREAS",
     "TYPE_REGISTERS",
+    "WRITABLE_AREAS",
     "Area",
     "Config",
     "Order",
@@ -40,6 +41,7 @@ Order = Literal["big", "little"]
 
 BIT_AREAS = frozenset({"coil", "discrete"})
 REGISTER_AREAS = frozenset({"holding", "input"})
+WRITABLE_AREAS = frozenset({"coil", "holding"})
 
 MAX_REGISTERS_PER_REQUEST = 125
 """Modbus Application Protocol v1.1b3, 6.3/6.4: 1 to 125 registers per read."""
@@ -89,7 +91,7 @@ class SerialConfig(StrictModel):
         return 3.5 * self.char_time()
 
 
-class PointConfig(StrictModel):
+class PointConfig(WritablePointConfig):
     """One point: a field of every record of the device.
 
     Attributes:
@@ -104,6 +106,8 @@ class PointConfig(StrictModel):
         word_order: order of the registers of a 32- or 64-bit value (default: the device's).
         scale / offset: a numeric value is delivered as ``raw × scale + offset`` (a float)
             when either is set.
+        writable: commands may write it (coils and holding registers only; see
+            ``WritablePointConfig``); ``write_limits`` bounds the value before scaling.
     """
 
     name: str = Field(min_length=1)
@@ -140,6 +144,14 @@ class PointConfig(StrictModel):
         where = f"point {self.name!r}"
         kind = self.kind
         set_keys = self.model_fields_set
+        if self.writable and self.area not in WRITABLE_AREAS:
+            what = "discrete inputs" if self.area == "discrete" else "input registers"
+            raise ValueError(
+                f"{where}: writable applies only to coils and holding registers; "
+                f"{what} are read-only in Modbus"
+            )
+        if self.write_limits is not None and self.value_kind in ("bool", "str"):
+            raise ValueError(f"{where}: write_limits applies only to numbers, not to {kind!r}")
         if self.area in BIT_AREAS:
             if kind != "bool":
                 raise ValueError(f'{where}: a {self.area} is one bit: its type is "bool"')
@@ -186,6 +198,16 @@ class PointConfig(StrictModel):
         if self.area in BIT_AREAS or self.bit is not None:
             return "bool"
         return "uint16"
+
+    @property
+    def value_kind(self) -> ValueKind:
+        """What a command may write: a scaled number is a float, else the type's kind."""
+        kind = self.kind
+        if kind in ("bool", "string"):
+            return "bool" if kind == "bool" else "str"
+        if self.scale is not None or self.offset is not None or kind.startswith("float"):
+            return "float"
+        return "int"
 
     @property
     def registers(self) -> int:

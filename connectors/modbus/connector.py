@@ -14,6 +14,11 @@ other points of the poll are still delivered.
   supervisor backs off before it polls again, so a dead unit does not hog a shared bus.
 * When no connection can be made, ``run`` raises for the supervisor to back off (with
   jitter; the link itself also spaces its connection attempts), never a busy loop.
+
+Commands (``write``) use the same link and take their turn on it like reads: one request
+per point (function 5 for a coil, 6 for one register, 16 for several, 22 for one bit of a
+register), each under the device's ``timeout``, which tears the connection down as a read
+timeout does.
 """
 
 from __future__ import annotations
@@ -21,19 +26,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
-from plantbus.broker.connector import BuildContext, Emit
+from plantbus.broker.connector import BuildContext, Emit, WritePoint, WriteResult
 from plantbus.broker.ids import new_id
-from plantbus.broker.record import Quality, Record, Series
+from plantbus.broker.record import FieldValue, Quality, Record, Series
 from plantbus.broker.topics import validate_topic
-from plantbus.connectors.modbus.codec import resolve_points
+from plantbus.connectors.modbus.codec import EncodeError, Point, encode_registers, resolve_points
 from plantbus.connectors.modbus.config import Config
 from plantbus.connectors.modbus.link import (
     Link,
     LinkError,
     ModbusExceptionResponse,
     NotConnected,
+    ReplyTimeout,
     link_for,
 )
 from plantbus.connectors.modbus.planner import Read, plan, split_gaps
@@ -100,6 +106,10 @@ class ModbusConnector:
         validate_topic(topic)
         self.series = Series(topic, ctx.measurement(config), ctx.series_tags(config))
         self.points = resolve_points(config)
+        self._by_name = {p.name: p for p in self.points}
+        self.write_points: dict[str, WritePoint] = {
+            p.name: self._write_point(p) for p in self.points
+        }
         self.reads: list[Read] = plan(
             self.points, max_registers=config.max_registers_per_request, max_gap=config.max_gap
         )
@@ -119,6 +129,64 @@ class ModbusConnector:
         self.overruns = 0
         self.missed = 0
         self.splits = 0
+
+    def _write_point(self, p: Point) -> WritePoint:
+        cfg = self.config.points[p.index]
+        return cfg.write_point(p.name, cfg.value_kind)
+
+    async def write(self, points: Mapping[str, FieldValue]) -> WriteResult:
+        """Write each point of ``points`` to the unit, in order (see the module doc).
+
+        Returns:
+            per point ``None`` (written) or the reason it was not; after a timeout or a
+            lost connection the points not yet written get the same reason.
+        """
+        errors: dict[str, str | None] = {}
+        fatal: str | None = None
+        for name, value in points.items():
+            if fatal is not None:
+                errors[name] = fatal
+                continue
+            p = self._by_name.get(name)
+            if p is None or not self.write_points[name].writable:
+                errors[name] = f"refused: point {name!r} is not writable"
+                continue
+            try:
+                await self._write_one(p, value)
+            except EncodeError as exc:
+                errors[name] = str(exc)
+                continue
+            except ModbusExceptionResponse as exc:
+                errors[name] = f"device error: {exc}"
+                continue
+            except ReplyTimeout as exc:
+                fatal = errors[name] = f"timeout: {exc}"
+                continue
+            except LinkError as exc:
+                fatal = errors[name] = f"device error: {exc}"
+                continue
+            errors[name] = None
+        return WriteResult(errors)
+
+    async def _write_one(self, p: Point, value: FieldValue) -> None:
+        link, unit, timeout, delay = self.link, self.unit, self.timeout, self.frame_delay
+        self.requests += 1
+        if p.area == "coil":
+            if not isinstance(value, bool):
+                raise EncodeError(f"refused: point {p.name!r} takes true or false, not {value!r}")
+            await link.write(self, unit, "coil", p.address, [value], timeout, delay)
+        elif p.type == "bool" and p.bit is not None:
+            if not isinstance(value, bool):
+                raise EncodeError(f"refused: point {p.name!r} takes true or false, not {value!r}")
+            # the register as transmitted: a byte-swapped register's bit b is bit (b + 8) % 16
+            bit = (p.bit + 8) % 16 if p.byte_order == "little" else p.bit
+            mask = 1 << bit
+            await link.mask_write(
+                self, unit, p.address, 0xFFFF ^ mask, mask if value else 0, timeout, delay
+            )
+        else:
+            registers = encode_registers(p, value)
+            await link.write(self, unit, "holding", p.address, registers, timeout, delay)
 
     def plan_text(self) -> list[str]:
         """The current plan, one ``holding 0-9 (10): a, b`` line per read."""

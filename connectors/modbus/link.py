@@ -31,7 +31,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,6 +359,112 @@ class Link:
             ReplyTimeout / ConnectionLost / BadReply: the connection was torn down.
             NotConnected: no connection (the link is backing off).
         """
+        what = f"{area} {address}+{count}"
+        reply = await self._transact(
+            owner,
+            unit,
+            what,
+            lambda client: getattr(client, _METHODS[area])(address, count=count, device_id=unit),
+            reply_timeout,
+            frame_delay,
+        )
+        self._check(reply, unit, what)
+        values = reply.bits if area in ("coil", "discrete") else reply.registers
+        if len(values) < count:
+            self.close()
+            raise BadReply(
+                f"{self.label} unit {unit}: {area} {address}+{count}: the reply holds "
+                f"{len(values)} values"
+            )
+        return values  # type: ignore[no-any-return]
+
+    async def write(
+        self,
+        owner: Hashable,
+        unit: int,
+        area: str,
+        address: int,
+        values: Sequence[int] | Sequence[bool],
+        reply_timeout: float,
+        frame_delay: float = 0.0,
+    ) -> None:
+        """Write coils or holding registers of ``unit`` from ``address`` on.
+
+        One value is written with the single-write function (5 or 6), several with the
+        multiple-write one (15 or 16). The request takes its turn on the link like a read,
+        so writes interleave with polls without ever sharing a transaction.
+
+        Raises:
+            ModbusExceptionResponse: the device answered with an exception.
+            ReplyTimeout / ConnectionLost / BadReply: the connection was torn down.
+            NotConnected: no connection (the link is backing off).
+        """
+        n = len(values)
+        if area == "coil":
+            method, single = "write_coils", "write_coil"
+        elif area == "holding":
+            method, single = "write_registers", "write_register"
+        else:
+            raise ValueError(f"{area} cannot be written")
+        what = f"write {area} {address}+{n}"
+
+        def call(client: Any) -> Any:
+            if n == 1:
+                return getattr(client, single)(address, values[0], device_id=unit)
+            return getattr(client, method)(address, list(values), device_id=unit)
+
+        reply = await self._transact(owner, unit, what, call, reply_timeout, frame_delay)
+        self._check(reply, unit, what)
+
+    async def mask_write(
+        self,
+        owner: Hashable,
+        unit: int,
+        address: int,
+        and_mask: int,
+        or_mask: int,
+        reply_timeout: float,
+        frame_delay: float = 0.0,
+    ) -> None:
+        """Set bits of one holding register in place (function 22, Mask Write Register).
+
+        The device applies ``(register AND and_mask) OR (or_mask AND NOT and_mask)`` itself,
+        so writing one bit never overwrites the others, whatever else writes the register.
+
+        Raises:
+            as ``write``; a device without function 22 answers exception 1.
+        """
+        what = f"mask write holding {address}"
+        reply = await self._transact(
+            owner,
+            unit,
+            what,
+            lambda client: client.mask_write_register(
+                address=address, and_mask=and_mask, or_mask=or_mask, device_id=unit
+            ),
+            reply_timeout,
+            frame_delay,
+        )
+        self._check(reply, unit, what)
+
+    def _check(self, reply: Any, unit: int, what: str) -> None:
+        if reply.isError():
+            code = getattr(reply, "exception_code", None)
+            if not code:
+                self.close()
+                raise BadReply(f"{self.label} unit {unit}: {what}: {reply}")
+            raise ModbusExceptionResponse(code, f"{self.label} unit {unit} {what}")
+
+    async def _transact(
+        self,
+        owner: Hashable,
+        unit: int,
+        what: str,
+        call: Callable[[Any], Awaitable[Any]],
+        reply_timeout: float,
+        frame_delay: float,
+    ) -> Any:
+        """One request on the link in ``owner``'s turn: its reply (see ``read`` for faults)."""
         await self._turns.acquire(owner)
         try:
             client = self._client
@@ -375,15 +481,12 @@ class Link:
             start = self._clock() if self.trace is not None else 0.0
             try:
                 async with asyncio.timeout(reply_timeout):
-                    reply = await getattr(client, _METHODS[area])(
-                        address, count=count, device_id=unit
-                    )
+                    reply = await call(client)
             except TimeoutError:
                 self.timeouts += 1
                 self.close()
                 raise ReplyTimeout(
-                    f"{self.label} unit {unit}: no reply to {area} {address}+{count} within "
-                    f"{reply_timeout:g}s"
+                    f"{self.label} unit {unit}: no reply to {what} within {reply_timeout:g}s"
                 ) from None
             except asyncio.CancelledError:
                 self.close()  # the reply may still come: never on this connection
@@ -391,8 +494,7 @@ class Link:
             except Exception as exc:
                 self.close()
                 raise ConnectionLost(
-                    f"{self.label} unit {unit}: {area} {address}+{count}: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{self.label} unit {unit}: {what}: {type(exc).__name__}: {exc}"
                 ) from exc
             finally:
                 self._in_flight -= 1
@@ -408,22 +510,7 @@ class Link:
                 raise asyncio.CancelledError
         finally:
             self._turns.release()
-        if reply.isError():
-            code = getattr(reply, "exception_code", None)
-            if not code:
-                self.close()
-                raise BadReply(f"{self.label} unit {unit}: {area} {address}+{count}: {reply}")
-            raise ModbusExceptionResponse(
-                code, f"{self.label} unit {unit} {area} {address}+{count}"
-            )
-        values = reply.bits if area in ("coil", "discrete") else reply.registers
-        if len(values) < count:
-            self.close()
-            raise BadReply(
-                f"{self.label} unit {unit}: {area} {address}+{count}: the reply holds "
-                f"{len(values)} values"
-            )
-        return values  # type: ignore[no-any-return]
+        return reply
 
 
 def _quiet_pymodbus() -> None:

@@ -229,6 +229,10 @@ class ServerThread:
         if result is not None:
             raise ValueError(f"cannot set {area} {address}+{len(values)} of unit {unit}: {result}")
 
+    def get_values(self, unit: int, area: str, address: int, count: int) -> list[Any]:
+        """What the server holds now (its own datastore, not through a client)."""
+        return list(self.call(self.server.context.async_getValues(unit, _FC[area], address, count)))
+
     @property
     def connections(self) -> int:
         """Client connections open right now (TCP servers)."""
