@@ -88,9 +88,10 @@ in a 5000-line batch, or any number of bad lines that come in runs (a run whose 
 all dropped costs no more requests). Rewrites of good lines are idempotent in InfluxDB."""
 
 # one line of line protocol: the measurement and tags (escaped characters taken as pairs) up
-# to the first unescaped space, then fields and timestamp, where a quoted string value may
-# hold a raw newline; the line ends at the first newline outside quotes
-_LINE = re.compile(rb'(?:\\.|[^\\ \n])*(?: (?:"(?:\\.|[^"\\])*"|[^"\n])*)?\n?', re.DOTALL)
+# to the first unescaped space, then fields and timestamp, where a string value (a quote
+# right after "=") may hold a raw newline; the line ends at the first newline outside one.
+# A quote elsewhere (in a tag value or field key) is just a character.
+_LINE = re.compile(rb'(?:\\.|[^\\ \n])*(?: (?:\\.|="(?:\\.|[^"\\])*"|[^\n])*)?\n?', re.DOTALL)
 _DROPPED = re.compile(r"dropped=(\d+)\s*$")
 _PARSE_ERROR = "unable to parse '"
 
