@@ -29,6 +29,7 @@ SINK_KINDS: dict[str, str] = {
     "mqtt": "plantbus.broker.sinks.mqtt",
     "amqp": "plantbus.broker.sinks.amqp",
     "kafka": "plantbus.broker.sinks.kafka",
+    "punt": "plantbus.broker.sinks.punt",
 }
 
 

@@ -368,7 +368,8 @@ class Runtime:
         """
         if self._built:
             return
-        ctx = self.config.build_context()
+        # sinks that publish results (punt) get the bus's publish; they never see connectors
+        ctx = self.config.build_context(publish=self.bus.publish)
         sinks = [e for e in self.config.sinks if e.config.enabled]
         for handle in self._build_outlets(sinks, ctx):
             self.outlets[handle.name] = handle
@@ -563,7 +564,8 @@ class Runtime:
             log.warning("reload: [node] changed; restart plantbus to apply it")
         if getattr(new, "api", None) != getattr(old, "api", None):
             log.warning("reload: [api] changed; restart plantbus to apply it")
-        ctx = old.build_context()  # node settings stay those of the running process
+        # node settings stay those of the running process
+        ctx = old.build_context(publish=self.bus.publish)
         await self._apply_sinks(new, ctx)
         await self._apply_devices(new, ctx)
         self.config = new

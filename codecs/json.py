@@ -21,13 +21,22 @@ still written: its status is the news.
 from __future__ import annotations
 
 import json as _json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from plantbus.broker.record import Quality, Record
+from plantbus.broker.record import Quality, Record, Series
+from plantbus.broker.topics import validate_topic
 from plantbus.codecs.line_protocol import NON_FINITE_STATUS, EncodeStats, is_bad_status
 
-__all__ = ["CODEC_NAME", "DecodeError", "decode", "encode", "record_to_dict"]
+__all__ = [
+    "CODEC_NAME",
+    "DecodeError",
+    "SeriesCache",
+    "decode",
+    "encode",
+    "record_to_dict",
+    "to_record",
+]
 
 CODEC_NAME = "json"
 
@@ -318,3 +327,88 @@ def decode(payload: bytes) -> list[dict[str, Any]]:
     if type(doc) is not list:
         raise DecodeError(f"expected an array of records, got {_kind(doc)}")
     return [_record(d, f"[{i}]") for i, d in enumerate(doc)]
+
+
+# -- decoded records into Records -------------------------------------------------------------
+
+
+class SeriesCache:
+    """Series by (topic, measurement, tags), so records of one stream share one Series.
+
+    A Series carries the codecs' per-series caches (the escaped line-protocol prefix); building
+    one per decoded record would throw that away. Bounded: past ``limit`` distinct series
+    (a publisher inventing tags) it starts over rather than growing without end.
+    """
+
+    def __init__(self, limit: int = 10_000):
+        self.limit = limit
+        self._series: dict[tuple[str, str, tuple[tuple[str, str], ...]], Series] = {}
+
+    def get(self, topic: str, measurement: str, tags: Mapping[str, str]) -> Series:
+        key = (topic, measurement, tuple(sorted(tags.items())))
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= self.limit:
+                self._series.clear()
+            series = self._series[key] = Series(topic, measurement, tags)
+        return series
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+
+def to_record(
+    doc: Mapping[str, Any],
+    *,
+    topic: str,
+    time_ns: int,
+    uid: str,
+    parent: str | None = None,
+    series: SeriesCache | None = None,
+) -> Record:
+    """A Record from one record as ``decode`` returns it, defaults filling what it leaves out.
+
+    Args:
+        doc: a validated JSON record (only ``fields`` is certain to be there).
+        topic / time_ns / uid / parent: used where ``doc`` has no ``topic`` / ``time`` /
+            ``uid`` / ``parent``.
+        series: where to look up (and keep) the record's Series.
+
+    Returns:
+        The record: ``measurement`` defaults to the topic's last level, ``tags`` to none;
+        ``quality`` is the document's, made at least as bad as its ``status`` codes say, and a
+        point whose status is Bad loses its value (as everywhere, a Bad value is never kept).
+
+    Raises:
+        DecodeError: the topic cannot be published to, or the measurement is empty.
+    """
+    rec_topic = doc.get("topic", topic)
+    try:
+        validate_topic(rec_topic)
+    except ValueError as e:
+        raise DecodeError(f"topic: {e}") from None
+    measurement = doc.get("measurement", rec_topic.rsplit("/", 1)[-1])
+    if not measurement:
+        raise DecodeError("measurement is empty")
+    tags = doc.get("tags") or {}
+    found = series.get(rec_topic, measurement, tags) if series is not None else None
+    fields = dict(doc["fields"])
+    quality = Quality.from_label(doc.get("quality", "good"))
+    status = doc.get("status")
+    if status:
+        status = dict(status)
+        for point, code in status.items():
+            if is_bad_status(code):
+                fields.pop(point, None)
+                quality = Quality.BAD
+            elif code & 0xC0000000 == 0x40000000 and quality is Quality.GOOD:
+                quality = Quality.UNCERTAIN  # Uncertain severity
+    return Record(
+        found or Series(rec_topic, measurement, tags),
+        fields,
+        doc.get("time", time_ns),
+        doc.get("uid", uid),
+        quality,
+        status or None,
+        doc.get("parent", parent),
+    )
