@@ -3,4 +3,14 @@
 ``SCENARIOS`` is the order ``python -m bench`` runs them in.
 """
 
-SCENARIOS = ("ids", "encode", "bus", "e2e_influx", "bridges", "modbus", "opcua", "s7")
+SCENARIOS = (
+    "ids",
+    "encode",
+    "bus",
+    "e2e_influx",
+    "influx_gzip",
+    "bridges",
+    "modbus",
+    "opcua",
+    "s7",
+)

@@ -88,9 +88,10 @@ in a 5000-line batch, or any number of bad lines that come in runs (a run whose 
 all dropped costs no more requests). Rewrites of good lines are idempotent in InfluxDB."""
 
 # one line of line protocol: the measurement and tags (escaped characters taken as pairs) up
-# to the first unescaped space, then fields and timestamp, where a quoted string value may
-# hold a raw newline; the line ends at the first newline outside quotes
-_LINE = re.compile(rb'(?:\\.|[^\\ \n])*(?: (?:"(?:\\.|[^"\\])*"|[^"\n])*)?\n?', re.DOTALL)
+# to the first unescaped space, then fields and timestamp, where a string value (a quote
+# right after "=") may hold a raw newline; the line ends at the first newline outside one.
+# A quote elsewhere (in a tag value or field key) is just a character.
+_LINE = re.compile(rb'(?:\\.|[^\\ \n])*(?: (?:\\.|="(?:\\.|[^"\\])*"|[^\n])*)?\n?', re.DOTALL)
 _DROPPED = re.compile(r"dropped=(\d+)\s*$")
 _PARSE_ERROR = "unable to parse '"
 
@@ -559,14 +560,16 @@ class InfluxDBSink:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout / 2
         # depth first, first half first: parts of the batch with the answer they got
-        todo = [(0, len(found.lines), status, message)]
+        todo: list[tuple[int, int, int, str, dict[str, str]]] = [
+            (0, len(found.lines), status, message, {})
+        ]
         try:
             while todo:
-                lo, hi, st, msg = todo.pop()
+                lo, hi, st, msg, headers = todo.pop()
                 if st in (200, 204):
                     continue
                 if st not in (400, 413):
-                    raise self._error(st, msg, {}, batch)
+                    raise self._error(st, msg, headers, batch)
                 if hi - lo == 1 or (st == 400 and _all_refused(msg, hi - lo)):
                     found.refuse(lo, hi, st, msg)
                     continue
@@ -582,8 +585,7 @@ class InfluxDBSink:
                     found.requests += 1
                     if st == 400:
                         found.bisect_requests += 1
-                    part_status, part_msg, _ = await self._post(session, body, limit=None)
-                    answers.append((a, b, part_status, part_msg))
+                    answers.append((a, b, *await self._post(session, body, limit=None)))
                 todo.extend(reversed(answers))
         finally:
             self.isolate_requests += found.requests

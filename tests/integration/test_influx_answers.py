@@ -192,7 +192,8 @@ async def test_isolation_stops_at_its_budget_and_loses_no_good_line(influxdb, in
     conflict_first(influxdb, influx_db)
     good, bad = make_records(600), make_records(600, CONFLICT)
     batch = [r for pair in zip(good, bad, strict=True) for r in pair]  # every other line bad
-    sink = make_sink(sink_config(influxdb.url, influx_db), tmp_path)
+    # a long timeout: the request budget, not half of it, is what this test stops at
+    sink = make_sink(sink_config(influxdb.url, influx_db, timeout="120s"), tmp_path)
     outlet = await deliver(sink, batch)
     got = stored_uids(influxdb, influx_db)
     assert len(got) == 600 and set(got) == {r.id for r in good}

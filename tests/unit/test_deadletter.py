@@ -47,12 +47,15 @@ def test_an_unwritable_path_is_logged_and_counted(tmp_path, caplog):
 
 
 def test_split_lines_keeps_raw_newlines_inside_string_values():
-    payload = b'm,t=a\\ b f=1,s="x\ny" 1\nm f="q\\"\n" 2\nm,t=a"b f=2 3\nm f=3 4'
+    payload = (
+        b'm,t=a\\ b f=1,s="x\ny" 1\nm f="q\\"\n" 2\nm,t=a"b f=2 3\nm a"b=1,s="u\nv" 4\nm f=3 5'
+    )
     assert split_lines(payload) == [
         b'm,t=a\\ b f=1,s="x\ny" 1\n',
         b'm f="q\\"\n" 2\n',
         b'm,t=a"b f=2 3\n',  # a quote in a tag value is just a character
-        b"m f=3 4",
+        b'm a"b=1,s="u\nv" 4\n',  # and in a field key
+        b"m f=3 5",
     ]
     assert split_lines(b"") == []
     assert b"".join(split_lines(payload)) == payload
