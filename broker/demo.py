@@ -208,16 +208,18 @@ class Demo:
         view = LiveView(runtime, title="plantbus demo", notes=self.notes())
         loop = asyncio.get_running_loop()
         timer = None
-        if self.duration:
-            timer = loop.call_later(
-                self.duration, runtime.request_stop, f"demo ran {self.duration:g}s"
-            )
         watcher = asyncio.create_task(self._watch(view), name="demo:view")
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for sim in self.simulators:
                     await sim.start()
                     stack.push_async_callback(sim.stop)
+                # counted from here: a protocol simulator can take a second to come up on a
+                # busy machine, and `--duration` promises that long of data
+                if self.duration:
+                    timer = loop.call_later(
+                        self.duration, runtime.request_stop, f"demo ran {self.duration:g}s"
+                    )
                 # simulators stop after the drain: the devices reading them stop first
                 await runtime.run()
         finally:
