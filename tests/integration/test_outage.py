@@ -10,6 +10,8 @@ A `counter` sim at 20k records/s writes through an `influxdb` sink with a disk b
   that a backlog waits on disk): each run carries its own node tag, and its counter in
   InfluxDB must be a hole-free prefix 0..N-1 with N at least what the buffer's ``synced``
   file said was durable just before the kill.
+* SIGTERM while InfluxDB is down: the drain ends at once with everything the device emitted
+  `persisted` on disk (the `drained:` line says so); the next start delivers all of it.
 
 These tests own their InfluxDB (they kill it), separate from the session-wide one.
 """
@@ -235,3 +237,50 @@ def test_daemon_killed_five_times_every_synced_record_arrives(
         # a hole-free prefix 0..N-1, none doubled, covering everything that was synced
         assert agg["lo"] == 0 and agg["c"] == agg["d"] == agg["hi"] + 1, (run, agg)
         assert agg["c"] >= durable, (run, agg, durable)
+
+
+def test_sigterm_with_influxdb_down_keeps_everything_on_disk_for_the_next_start(
+    tmp_path: Path, influx: InfluxServer
+) -> None:
+    influx.stop(signal.SIGKILL)  # down from the start (its port stays reserved for it)
+    first = Daemon(tmp_path, influx, "term1")
+    try:
+        wait_until(lambda: first.alive() and first.synced_records() >= 40_000, 60, "buffered")
+    except BaseException:
+        first.kill()
+        raise
+    t0 = time.monotonic()
+    err = first.terminate()
+    took = time.monotonic() - t0
+    emitted = int(DRAINED_DEVICE.search(err).group(1))  # type: ignore[union-attr]
+    s = DRAINED_SINK.search(err)
+    assert s, err[-4000:]
+    delivered, undelivered, dropped, rejected, _, persisted = map(int, s.groups())
+    # nothing lost: everything the device emitted is on disk, and the drain said so
+    assert (delivered, dropped, rejected) == (0, 0, 0), s.group(0)
+    assert undelivered == persisted == emitted, s.group(0)
+    # the upstream was away and everything was on disk: no waiting out shutdown_timeout
+    assert took < 30, f"drain took {took:.1f}s"
+
+    influx.start()
+    second = Daemon(tmp_path, influx, "term2")
+    try:
+        wait_until(
+            lambda: (
+                second.alive()
+                and _count(influx, "term1") >= emitted
+                and _count(influx, "term2") >= 20_000
+            ),
+            120,
+            "backlog and live records",
+            interval=0.5,
+        )
+    except BaseException:
+        second.kill()
+        raise
+    err = second.terminate()
+    emitted2 = int(DRAINED_DEVICE.search(err).group(1))  # type: ignore[union-attr]
+    runs = _runs(influx)
+    print(f"\nSIGTERM with InfluxDB down: {s.group(0)} (drain {took:.1f}s); then {runs}")
+    assert runs["term1"] == {"c": emitted, "d": emitted, "lo": 0, "hi": emitted - 1}
+    assert runs["term2"] == {"c": emitted2, "d": emitted2, "lo": 0, "hi": emitted2 - 1}
