@@ -60,7 +60,13 @@ class QueueConfig(StrictModel):
 
 
 class BufferConfig(StrictModel):
-    """``buffer = { kind, max_size, when_full }``: where an outlet keeps encoded batches."""
+    """``buffer = { kind, max_size, when_full, sync_interval, path }``: where a sink's batches wait.
+
+    ``kind = "disk"`` keeps them in segment files (``plantbus.broker.diskbuffer``) under
+    ``path``, by default ``<node.state_dir>/buffers/<sink kind>/<sink name>``; they survive
+    an outage and a restart and replay in order. ``sync_interval`` is the disk buffer's
+    group commit (``"0s"``: fsync every batch); a memory buffer ignores it and ``path``.
+    """
 
     kind: Literal["memory", "disk"] = "memory"
     max_size: Size = 64 * 1024 * 1024
@@ -68,14 +74,12 @@ class BufferConfig(StrictModel):
     sync_interval: Duration = 1.0
     path: Path | None = None
 
-    @field_validator("kind")
+    @field_validator("max_size")
     @classmethod
-    def _available(cls, kind: str) -> str:
-        # the disk buffer is its own piece of work (store-and-forward); until it lands,
-        # refuse it at `check` time rather than failing when the outlet is built
-        if kind == "disk":
-            raise ValueError("buffer kind 'disk' is not available in this version; use 'memory'")
-        return kind
+    def _at_least_one_byte(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1 byte")
+        return v
 
 
 class TlsConfig(StrictModel):

@@ -9,6 +9,7 @@ Directory layout (``path``)::
     000000000001.seg   segment files, numbered in write order, appended to only
     000000000002.seg
     ack                acknowledgement log (below), compacted via ``ack.tmp`` + rename
+    synced             what the last group commit made durable (diagnostics, one line)
 
 Record format (little-endian), one per batch, back to back in a segment::
 
@@ -80,6 +81,8 @@ RECORD_HEADER_SIZE = _HEAD.size + _CRC.size
 """Fixed bytes per record before the strings and the payload (38)."""
 _SUFFIX = ".seg"
 _ACK = "ack"
+_SYNCED = "synced"  # what the last group commit made durable (diagnostics, never read back)
+_SYNCED_SIZE = 100  # fixed length: an overwrite in place never leaves a longer old tail
 _ACK_LOG_MAX = 64 * 1024  # compact the ack log past this size
 _POLICIES = ("block", "drop_oldest", "drop_newest")
 
@@ -223,6 +226,9 @@ class DiskBuffer:
     Attributes:
         synced_position: every batch appended with an ordinal below it is durable.
         synced_seq: ``seq`` of the newest durable batch (-1: none yet).
+        synced_records: records appended by this instance (since it was opened) that are
+            durable; with ``synced_position`` and ``synced_seq`` it is also written to the
+            ``synced`` file after every group commit.
         appended_position: the ordinal the next appended batch gets.
         corrupt_records / corrupt_bytes / missing_segments / empty_segments: damage found
             when opening.
@@ -288,10 +294,13 @@ class DiskBuffer:
         self._ack_log_size = 0
         self._last_seq = -1
         self.synced_seq = -1
+        self._appended_records = 0  # records appended by this instance
+        self.synced_records = 0
         self.path.mkdir(parents=True, exist_ok=True)
         self._next_n = self._recover()
         self.appended_position = self._next_n
         self.synced_position = self._next_n  # what recovery found is on disk already
+        self._write_synced_state()  # this instance's, from zero: never an earlier one's
         if self._items:
             self._readable.set()
 
@@ -592,6 +601,7 @@ class DiskBuffer:
         self._next_n = n + 1
         self.appended_position = self._next_n
         self._last_seq = batch.seq
+        self._appended_records += batch.records
         self._dirty = True
         return entry
 
@@ -600,7 +610,7 @@ class DiskBuffer:
         async with self._sync_lock:
             if not self._dirty:
                 return
-            position, seq = self._next_n, self._last_seq
+            position, seq, records = self._next_n, self._last_seq, self._appended_records
             fds, self._unsynced_fds = self._unsynced_fds, []
             active = self._files.get(self._active) if self._active is not None else None
             if active is not None and not active.closed:
@@ -619,6 +629,30 @@ class DiskBuffer:
             self.synced_position = max(self.synced_position, position)
             if seq != -1:
                 self.synced_seq = seq
+            self.synced_records = max(self.synced_records, records)
+            self._write_synced_state()
+
+    def _write_synced_state(self) -> None:
+        """Publish what the last group commit made durable in ``synced`` (one small write).
+
+        Diagnostics for operators and tests (the buffer never reads it back): the file
+        survives a crash of the process, so after a ``kill -9`` it still says which batches
+        were durable. Not fsynced itself: after a power cut it may lag behind.
+        """
+        data = b"synced_position=%d synced_seq=%d synced_records=%d pid=%d\n" % (
+            self.synced_position,
+            self.synced_seq,
+            self.synced_records,
+            os.getpid(),
+        )
+        try:
+            fd = os.open(self.path / _SYNCED, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, data.ljust(_SYNCED_SIZE), 0)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("disk buffer %r: cannot write %s: %s", self.name, _SYNCED, e)
 
     async def _sync_loop(self) -> None:
         while True:

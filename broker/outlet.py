@@ -31,6 +31,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
 from plantbus.broker.backoff import Backoff
@@ -49,7 +50,7 @@ from plantbus.broker.sinks.base import (
     SinkMetrics,
 )
 
-__all__ = ["Outlet", "SinkChannel", "group_key", "group_sinks", "make_buffer"]
+__all__ = ["Outlet", "SinkChannel", "buffer_dir", "group_key", "group_sinks", "make_buffer"]
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,39 @@ so a batch can be encoded in chunks. A JSON batch is one array: it is encoded in
 BufferFactory = Callable[[SinkConfig, str], Buffer]
 
 
-def make_buffer(config: SinkConfig, name: str) -> Buffer:
+def buffer_dir(state_dir: Path, kind: str, name: str) -> Path:
+    """The default folder of a sink's disk buffer: ``<state_dir>/buffers/<kind>/<name>``.
+
+    Sink names are unique per kind and hold no ``/`` (``check`` says so), so the folder is
+    stable across restarts as long as the sink keeps its name.
+    """
+    return Path(state_dir) / "buffers" / kind / name
+
+
+def make_buffer(config: SinkConfig, name: str, *, directory: Path | None = None) -> Buffer:
     """The buffer a sink's ``buffer = {...}`` table asks for.
 
+    Args:
+        config: the sink's config.
+        name: for logs and metrics.
+        directory: a disk buffer's folder when ``buffer.path`` is not set (the runtime
+            passes ``buffer_dir(state_dir, kind, name)``).
+
     Raises:
-        ValueError: for a buffer kind this build cannot provide.
+        ValueError: a disk buffer without a folder.
+        OSError: the disk buffer's folder cannot be created or read.
     """
     b = config.buffer
     if b.kind == "memory":
         return MemoryBuffer(b.max_size, b.when_full, name=name)
+    if b.kind == "disk":
+        path = b.path or directory
+        if path is None:
+            raise ValueError(f"sink {name!r}: a disk buffer needs a folder (buffer.path)")
+        # imported here: a node with memory buffers only never loads it
+        from plantbus.broker.diskbuffer import DiskBuffer
+
+        return DiskBuffer(path, b.max_size, b.when_full, sync_interval=b.sync_interval, name=name)
     raise ValueError(f"sink {name!r}: buffer kind {b.kind!r} is not available in this build")
 
 
@@ -175,6 +200,7 @@ class SinkChannel:
         rejected / rejected_records: batches the sink refused for good in whole or in part
             (``PartialWriteError``), and the records it refused.
         undelivered_records: held in the buffer when the outlet stopped.
+        persisted_records: of those, kept in a disk buffer (they replay at the next start).
         last_error: the most recent failure, for status pages ("" when none yet).
         connected: the sink's ``connect()`` succeeded.
         failing: the latest attempt failed (cleared by the next success).
@@ -206,6 +232,7 @@ class SinkChannel:
         self.rejected = 0
         self.rejected_records = 0
         self.undelivered_records = 0
+        self.persisted_records = 0  # of the undelivered: kept in a disk buffer for next start
         self.incoming = 0  # records of a batch not yet appended to this buffer
         self.last_error = ""
         self.last_error_time = 0.0
@@ -233,14 +260,28 @@ class SinkChannel:
             "buffer_bytes": self.buffer.bytes,
             "buffer_batches": self.buffer.undelivered_batches,
             "undelivered": self.undelivered_records,
+            "persisted": self.persisted_records,
             "connected": int(self.connected),
             "failing": int(self.failing),
             "unhealthy": int(self.unhealthy),
         }
+        synced = getattr(self.buffer, "synced_records", None)
+        if synced is not None:  # a disk buffer: what is on disk and what is durable
+            buffer = self.buffer
+            m["buffer_disk_bytes"] = getattr(buffer, "disk_bytes", 0)
+            m["buffer_synced_records"] = synced
+            m["buffer_synced_position"] = getattr(buffer, "synced_position", 0)
+            m["buffer_corrupt_records"] = getattr(buffer, "corrupt_records", 0)
+            m["buffer_missing_segments"] = getattr(buffer, "missing_segments", 0)
         if isinstance(self.sink, SinkMetrics):
             m.update(self.sink.metrics())
         m.update(_latency_summary(self.latencies))
         return m
+
+
+def _persistent(buffer: Buffer) -> bool:
+    """Whether ``buffer`` keeps what it holds across a restart (a disk buffer)."""
+    return hasattr(buffer, "synced_position")
 
 
 def _latency_summary(samples: Sequence[float] | deque[float]) -> dict[str, float]:
@@ -308,6 +349,7 @@ class Outlet:
         self._line_estimate = _FIRST_LINE_ESTIMATE
         self._seq = 0
         self._main: asyncio.Task[None] | None = None  # supervises the batcher and senders
+        self._batcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         self.records_in = 0
@@ -351,7 +393,8 @@ class Outlet:
         self._main = asyncio.create_task(self._supervise(), name=f"outlet:{self.name}")
 
     async def _supervise(self) -> None:
-        tasks = [asyncio.create_task(self._batch_loop(), name=f"{self.name}:batch")]
+        self._batcher = asyncio.create_task(self._batch_loop(), name=f"{self.name}:batch")
+        tasks = [self._batcher]
         tasks += [
             asyncio.create_task(self._send_loop(ch), name=f"{self.name}:{ch.name}")
             for ch in self.channels
@@ -383,7 +426,7 @@ class Outlet:
                 self._start()  # drain with the same machinery even if run() never ran
             main = self._main
             assert main is not None
-            await asyncio.wait({main}, timeout=max(timeout, 0.0))
+            await self._wait_drained(main, timeout)
             if not main.done():
                 main.cancel()
                 await asyncio.wait({main})
@@ -396,13 +439,49 @@ class Outlet:
         finally:
             self._stopped.set()
 
+    async def _wait_drained(self, main: asyncio.Task[None], budget: float) -> None:
+        """Wait for ``main`` within ``budget`` seconds, or less when waiting cannot help.
+
+        Once every record was encoded into the buffers and each sink's buffer is a disk
+        buffer whose sink is failing (its upstream is away), what is left is safe on disk:
+        the drain ends there instead of retrying until the budget is spent.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(budget, 0.0)
+        persistent = all(_persistent(ch.buffer) for ch in self.channels)
+        while not main.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            await asyncio.wait({main}, timeout=min(left, 0.2) if persistent else left)
+            if (
+                persistent
+                and self._batcher is not None
+                and self._batcher.done()
+                and all(ch.failing for ch in self.channels)
+            ):
+                return
+
     def _account_undelivered(self, timeout: float) -> None:
         unbuffered = len(self._sub) + len(self._pending)
         self.undelivered_records = unbuffered
         for ch in self.channels:
             unbuffered_here = unbuffered + ch.incoming
             ch.undelivered_records = ch.buffer.records + unbuffered_here
-            if ch.undelivered_records:
+            if _persistent(ch.buffer):
+                ch.persisted_records = ch.buffer.records
+            if ch.undelivered_records == ch.persisted_records:
+                if ch.persisted_records:
+                    log.info(
+                        "outlet %s: sink %s: %d records in %d batches kept in the disk buffer "
+                        "for the next start; last error: %s",
+                        self.name,
+                        ch.name,
+                        ch.persisted_records,
+                        ch.buffer.undelivered_batches,
+                        ch.last_error or "none",
+                    )
+            elif ch.undelivered_records:
                 log.warning(
                     "outlet %s: sink %s: %d records in %d batches not delivered within %.1fs "
                     "of stopping (%d more never encoded); last error: %s",

@@ -33,7 +33,7 @@ from plantbus.broker.bus import Bus
 from plantbus.broker.commands import CommandRouter
 from plantbus.broker.config import ConfigError, DeviceEntry, PlantbusConfig, SinkEntry, load_config
 from plantbus.broker.connector import BuildContext, Connector
-from plantbus.broker.outlet import Outlet, group_sinks
+from plantbus.broker.outlet import Outlet, buffer_dir, group_sinks, make_buffer
 from plantbus.broker.record import Record
 from plantbus.broker.registry import load_device_module, load_sink_module
 from plantbus.broker.sinks.base import Sink, SinkConfig
@@ -334,7 +334,9 @@ class Runtime:
             names = [e.name for e in group_entries]
             name = "+".join(names)
             try:
-                outlet = Outlet(name, self.bus, group)
+                outlet = Outlet(
+                    name, self.bus, group, buffer_factory=self._buffer_factory(group_entries)
+                )
             except Exception as exc:
                 # e.g. a buffer kind this build cannot provide
                 log.debug("outlet build traceback", exc_info=exc)
@@ -360,6 +362,17 @@ class Runtime:
                 )
             )
         return handles
+
+    def _buffer_factory(self, entries: Sequence[SinkEntry]) -> Callable[[SinkConfig, str], Any]:
+        """Builds each sink's buffer; a disk buffer by default under ``node.state_dir``."""
+        kind_of = {id(e.config): e.kind for e in entries}
+        state_dir = self.config.node.state_dir
+
+        def factory(config: SinkConfig, name: str) -> Any:
+            directory = buffer_dir(state_dir, kind_of.get(id(config), "sink"), name)
+            return make_buffer(config, name, directory=directory)
+
+        return factory
 
     def build(self) -> None:
         """Build every outlet and every enabled device (idempotent).
@@ -601,6 +614,15 @@ class Runtime:
         # often have the same name) subscribe
         retire_names = {h.name for h in retire}
         retire_subs = [s for s in self.bus.subscriptions if s.name in retire_names]
+        # a disk buffer's folder is used by one buffer at a time: an outlet that holds one
+        # drains into it and closes it before its successor opens it (records published in
+        # that short gap find no subscription)
+        on_disk = [h for h in retire if any(_persistent_channel(ch) for ch in h.outlet.channels)]
+        if on_disk:
+            for sub in retire_subs:
+                if sub.name in {h.name for h in on_disk}:
+                    sub.close()
+            await asyncio.gather(*(self._stop_outlet(h, self.shutdown_timeout) for h in on_disk))
         try:
             fresh = self._build_outlets(changed, ctx)
         except BuildError as exc:
@@ -719,13 +741,14 @@ class Runtime:
                 cm = ch.metrics()
                 log.info(
                     "drained: sink %s delivered=%d undelivered=%d dropped=%d rejected=%d "
-                    "retries=%d",
+                    "retries=%d persisted=%d",
                     ch.name,
                     cm.get("records_out", 0),
                     cm.get("undelivered", 0),
                     cm.get("dropped", 0),
                     cm.get("rejected_records", 0),
                     cm.get("retries", 0),
+                    cm.get("persisted", 0),
                 )
         log.info(
             "drained in %.2fs (budget %gs): devices emitted=%d, bus published=%d",
@@ -757,6 +780,10 @@ class Runtime:
             "devices": {name: d.metrics() for name, d in self.devices.items()},
             "outlets": {name: o.metrics() for name, o in self.outlets.items()},
         }
+
+
+def _persistent_channel(ch: Any) -> bool:
+    return hasattr(ch.buffer, "synced_position")
 
 
 def _publishes(handle: OutletHandle) -> bool:

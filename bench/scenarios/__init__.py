@@ -9,6 +9,7 @@ SCENARIOS = (
     "bus",
     "e2e_influx",
     "influx_gzip",
+    "outage",
     "bridges",
     "modbus",
     "opcua",

@@ -496,12 +496,26 @@ def test_check_config_never_raises(tmp_path: Path) -> None:
     ]
 
 
-def test_disk_buffer_is_refused_until_it_exists(tmp_path):
-    from plantbus.broker.config import check_config
+def test_disk_buffer_is_accepted_and_its_keys_checked(tmp_path):
+    from plantbus.broker.config import check_config, load_config
 
     main = tmp_path / "plantbus.toml"
-    main.write_text('[[sinks.file]]\npath = "x.lp"\nbuffer = { kind = "disk" }\n')
-    assert check_config(main) == [
-        "plantbus.toml: sinks.file[0].buffer.kind: buffer kind 'disk' is not available in "
-        "this version; use 'memory'"
-    ]
+    main.write_text(
+        '[node]\nstate_dir = "state"\n[[sinks.file]]\npath = "x.lp"\n'
+        'buffer = { kind = "disk", max_size = "1GiB", when_full = "block", '
+        'sync_interval = "200ms" }\n'
+    )
+    assert check_config(main) == []
+    cfg = load_config(main)
+    assert cfg.node.state_dir == tmp_path / "state"  # relative: against the file's folder
+    b = cfg.sinks[0].config.buffer
+    assert (b.kind, b.max_size, b.when_full, b.sync_interval) == ("disk", 1 << 30, "block", 0.2)
+    main.write_text(
+        '[[sinks.file]]\npath = "x.lp"\n'
+        'buffer = { kind = "disk", max_sise = "1GiB", when_full = "sometimes" }\n'
+    )
+    errors = check_config(main)
+    assert any(
+        e.startswith("plantbus.toml: sinks.file[0].buffer.max_sise: unknown key") for e in errors
+    ), errors
+    assert any(e.startswith("plantbus.toml: sinks.file[0].buffer.when_full:") for e in errors)

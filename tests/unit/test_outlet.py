@@ -781,3 +781,38 @@ async def test_a_json_batch_is_encoded_in_one_go():
     async with Running(outlet):
         await bus.publish(sent)
     assert [len(json.loads(b.payload)) for b in sink.batches] == [2500]
+
+
+async def test_disk_buffer_keeps_what_a_down_sink_missed_and_replays_it_first(tmp_path):
+    from plantbus.broker.outlet import make_buffer
+
+    cfg = config(batch_size=100, flush_interval="10ms", buffer={"kind": "disk"})
+    folder = tmp_path / "buffers" / "rec"
+
+    def factory(c: SinkConfig, name: str):
+        return make_buffer(c, name, directory=folder)
+
+    down = RecordingSink()
+    down.connect_failures.extend(ConnectionRefusedError("down") for _ in range(10_000))
+    bus = Bus()
+    outlet = Outlet("o", bus, [(cfg, down)], buffer_factory=factory)
+    old = records(250)
+    async with Running(outlet):
+        await bus.publish(old)
+        await until(lambda: outlet.channels[0].buffer.records == 250, what="buffered on disk")
+    # the upstream was away: the drain ended early, the records are kept on disk and counted
+    ch = outlet.channels[0]
+    assert (ch.undelivered_records, ch.persisted_records, ch.records_out) == (250, 250, 0)
+    assert ch.metrics()["persisted"] == 250
+
+    up = RecordingSink()
+    bus = Bus()
+    outlet = Outlet("o", bus, [(cfg, up)], buffer_factory=factory)
+    new = records(50, start=250)
+    async with Running(outlet):
+        await bus.publish(new)
+        await until(lambda: up.records == 300, what="backlog and live records delivered")
+    # the backlog first, then the live records, each exactly once, in order
+    assert up.uids == [r.id for r in old + new]
+    assert outlet.channels[0].metrics()["buffer_synced_records"] == 50
+    assert sorted(p.name for p in folder.glob("*.seg")) == ["000000000002.seg"]

@@ -331,10 +331,10 @@ async def test_reload_with_an_outlet_that_cannot_be_built_leaves_sinks_as_they_w
 
     real_outlet = runtime_module.Outlet
 
-    def outlet(name: str, bus: Any, group: Any) -> Any:
+    def outlet(name: str, bus: Any, group: Any, **kw: Any) -> Any:
         if name == "m3":
             raise ValueError("buffer kind 'disk' is not available in this build")
-        return real_outlet(name, bus, group)
+        return real_outlet(name, bus, group, **kw)
 
     monkeypatch.setattr(runtime_module, "Outlet", outlet)
     rt = Runtime(config(tmp_path, sim("a", batch=1), memory("m1")))
