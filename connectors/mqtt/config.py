@@ -146,6 +146,10 @@ class Subscription(StrictModel):
         precision: line protocol: the unit of the timestamps (default ``ns``).
         field: number: the point name template (default ``value``).
         type: number: ``float`` (default), ``int``, ``bool`` or ``string``.
+        commands: the messages are commands: each record goes to ``$cmd/<topic>`` (the
+            command topic of the device whose topic ``topic`` names), where the command
+            router writes its fields to that device and answers on ``$reply/<topic>``.
+            Needs ``topic``; not with ``sparkplug_b``.
     """
 
     filter: str = Field(min_length=1)
@@ -161,6 +165,7 @@ class Subscription(StrictModel):
     precision: Literal["ns", "us", "ms", "s"] = "ns"
     field: str = Field(default="value", min_length=1)
     type: Literal["float", "int", "bool", "string"] = "float"
+    commands: bool = False
 
     @field_validator("filter")
     @classmethod
@@ -181,6 +186,22 @@ class Subscription(StrictModel):
             raise ValueError(
                 f"{', '.join(extra)} does not apply to codec {self.codec!r} (it takes: {takes})"
             )
+        if self.commands:
+            if self.codec == "sparkplug_b":
+                raise ValueError(
+                    "commands does not apply to codec 'sparkplug_b' (Sparkplug commands are "
+                    "NCMD/DCMD messages a host sends, not ones it takes)"
+                )
+            if self.topic is None:
+                raise ValueError(
+                    "commands = true needs topic: the topic of the device the commands are "
+                    'for (e.g. topic = "edge/press"; their records go to $cmd/<topic>)'
+                )
+            if self.topic.startswith("$"):
+                raise ValueError(
+                    f"topic {self.topic!r}: give the device's topic; commands = true puts "
+                    "$cmd/ in front of it"
+                )
         levels = _filter_levels(self.filter)
         names = _SPARKPLUG_NAMES if self.codec == "sparkplug_b" else frozenset()
         for what, text in self.templates():

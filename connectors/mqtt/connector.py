@@ -32,6 +32,7 @@ import time
 from collections import deque
 from typing import Any
 
+from plantbus.broker.commands import CMD_PREFIX
 from plantbus.broker.connector import BuildContext, Emit
 from plantbus.broker.ids import new_ids
 from plantbus.broker.record import FieldValue, Quality, Record, Series
@@ -142,6 +143,9 @@ class _Sub:
         validate_topic(plant_topic)
         if plant_topic.startswith("$"):
             raise ValueError(f"topic {plant_topic!r} would be a system topic ($...)")
+        if self.cfg.commands:
+            # the device's command topic: the command router writes these records
+            plant_topic = CMD_PREFIX + plant_topic
         measurement = (
             self.measurement.render(levels, topic, extra)
             if self.measurement is not None

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from plantbus.broker.configtypes import Duration, StrictModel
-from plantbus.broker.connector import DeviceConfig
+from plantbus.broker.connector import DeviceConfig, WritablePointConfig
 
 __all__ = [
     "POLICIES",
@@ -132,7 +132,7 @@ def parse_node_id(text: str) -> NodeRef:
     return NodeRef(namespace, "b", raw)
 
 
-class PointConfig(StrictModel):
+class PointConfig(WritablePointConfig):
     """One variable read into one field of the device's records.
 
     Attributes:
@@ -143,6 +143,9 @@ class PointConfig(StrictModel):
             (default: the device's ``sampling_interval``).
         queue_size: subscribe mode: samples the server keeps between two publishes
             (default: the device's ``queue_size``).
+        writable: commands may write this variable (see ``WritablePointConfig``); the value
+            is sent with the variable's own DataType, read from the server.
+        write_limits: ``[low, high]``: the inclusive range a command value must be in.
     """
 
     name: str = Field(min_length=1)

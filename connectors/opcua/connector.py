@@ -10,6 +10,12 @@ Poll mode reads all points on a fixed-rate schedule with batched Read requests o
 DataValues, chunked by the server's ``MaxNodesPerRead`` (else ``chunk_size``), and emits the
 records of one read at once. Subscribe mode creates one subscription per session with one
 monitored item per point and emits the records of each publish response at once.
+
+Write-back (``write``): the points of a command go out in one Write request on the first
+session of the current connection, each value in a Variant of the variable's own DataType
+(read from the server once per connection and kept). A Bad status of a point is that
+point's ``device error: <status name>``; no answer within ``timeout`` answers every point
+``timeout: …`` and tears the connection down, as any other timeout does.
 """
 
 from __future__ import annotations
@@ -19,16 +25,17 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from asyncua import Client, ua
 from asyncua.ua.uaerrors import UaStatusCodeError
 
 from plantbus.broker.backoff import Backoff
-from plantbus.broker.connector import BuildContext, Emit
+from plantbus.broker.connector import BuildContext, Emit, WritePoint, WriteResult
 from plantbus.broker.ids import new_id
-from plantbus.broker.record import Record, Series
+from plantbus.broker.record import FieldValue, Record, Series
 from plantbus.broker.supervisor import describe_error
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.opcua import session
@@ -54,6 +61,18 @@ _NODE_TYPES = {
     "g": ua.NodeIdType.Guid,
     "b": ua.NodeIdType.ByteString,
 }
+_INTEGER_RANGES = {
+    ua.VariantType.SByte: (-(2**7), 2**7 - 1),
+    ua.VariantType.Byte: (0, 2**8 - 1),
+    ua.VariantType.Int16: (-(2**15), 2**15 - 1),
+    ua.VariantType.UInt16: (0, 2**16 - 1),
+    ua.VariantType.Int32: (-(2**31), 2**31 - 1),
+    ua.VariantType.UInt32: (0, 2**32 - 1),
+    ua.VariantType.Int64: (-(2**63), 2**63 - 1),
+    ua.VariantType.UInt64: (0, 2**64 - 1),
+}
+_FLOAT_MAX = 3.4028234663852886e38
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _UNKNOWN_NAMESPACE = 65535  # no server has it, so a point with an unknown URI reads as Bad
 _TIMESTAMPS = {
     "source": ua.TimestampsToReturn.Both,  # source, falling back to the server's
@@ -230,6 +249,13 @@ class OpcUaConnector:
         self._split = self._slices(len(self.point_names), config.connections)
         self._node_ids: list[ua.NodeId] = []  # resolved on each connect (nsu= lookups)
         self._limits = (0, 0)  # the server's MaxNodesPerRead, MaxMonitoredItemsPerCall
+        self._index = {name: i for i, name in enumerate(self.point_names)}
+        self.write_points: dict[str, WritePoint] = {
+            p.name: p.write_point(p.name, None) for p in config.points
+        }
+        self._links: list[_Link] = []  # the current connection's sessions (for write)
+        self._types: dict[int, ua.VariantType] = {}  # point index -> its DataType, per connection
+        self.writes = 0
         self.connected = False
         self.connects = 0
         self.last_error: str | None = None
@@ -271,6 +297,8 @@ class OpcUaConnector:
             healthy = False
             try:
                 links = await self._connect()
+                self._types.clear()
+                self._links = links
                 self.connected = True
                 self.connects += 1
                 if cfg.mode == "poll":
@@ -279,6 +307,7 @@ class OpcUaConnector:
                     await self._subscribe(links, emit, on_healthy)
             except asyncio.CancelledError:
                 self.connected = False
+                self._links = []
                 await asyncio.gather(
                     *(session.close(link.client, min(self.timeout, 2.0)) for link in links)
                 )
@@ -286,6 +315,7 @@ class OpcUaConnector:
             except Exception as exc:
                 was_connected = self.connected
                 self.connected = False
+                self._links = []
                 self.last_error = describe_error(exc)
                 await asyncio.gather(*(session.drop(link.client) for link in links))
                 delay = backoff.next()
@@ -417,6 +447,118 @@ class OpcUaConnector:
             )
             for part in (ids[c : c + chunk] for c in range(0, len(ids), chunk))
         ]
+
+    # -- write-back ---------------------------------------------------------------------------
+
+    async def write(self, points: Mapping[str, FieldValue]) -> WriteResult:
+        """Write ``points`` in one Write request (see the module doc).
+
+        Returns:
+            per point ``None`` (the server took it) or the reason it did not.
+        """
+        errors: dict[str, str | None] = {}
+        link = self._links[0] if self._links else None
+        if link is None or link.reason:
+            why = f"device error: not connected to {self.config.url}"
+            return WriteResult(dict.fromkeys(points, why))
+        wanted: list[tuple[str, int, FieldValue]] = []
+        for name, value in points.items():
+            i = self._index.get(name)
+            if i is None or not self.write_points[name].writable:
+                errors[name] = f"refused: point {name!r} is not writable"
+            else:
+                wanted.append((name, i, value))
+        if not wanted:
+            return WriteResult(errors)
+        sent: list[tuple[str, ua.WriteValue]] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._read_types(link, [i for _, i, _ in wanted if i not in self._types])
+                for name, i, value in wanted:
+                    vt = self._types.get(i)
+                    if vt is None:
+                        errors[name] = f"device error: cannot read the DataType of {self.refs[i]}"
+                        continue
+                    variant = _variant(name, value, vt)
+                    if isinstance(variant, str):
+                        errors[name] = variant
+                        continue
+                    sent.append(
+                        (
+                            name,
+                            ua.WriteValue(
+                                NodeId=self._node_ids[i],
+                                AttributeId=ua.AttributeIds.Value,
+                                Value=ua.DataValue(variant),
+                            ),
+                        )
+                    )
+                if not sent:
+                    return WriteResult(errors)
+                self.writes += 1
+                codes = await link.client.uaclient.write(
+                    ua.WriteParameters(NodesToWrite=[w for _, w in sent])
+                )
+        except TimeoutError:
+            why = f"timeout: no answer to a write within {self.timeout:g}s"
+            link.lose(why)  # as after any timeout: a new connection, never a late answer
+            for name, _, _ in wanted:
+                errors.setdefault(name, why)
+            return WriteResult(errors)
+        except UaStatusCodeError as exc:
+            why = f"device error: {session.status_name(int(exc.code))}"
+            for name, _, _ in wanted:
+                errors.setdefault(name, why)
+            return WriteResult(errors)
+        except (OSError, ConnectionError, ua.UaError) as exc:
+            why = f"device error: {describe_error(exc)}"
+            link.lose(why)
+            for name, _, _ in wanted:
+                errors.setdefault(name, why)
+            return WriteResult(errors)
+        if len(codes) != len(sent):
+            why = f"device error: the server answered {len(codes)} results for {len(sent)} writes"
+            for name, _ in sent:
+                errors[name] = why
+            return WriteResult(errors)
+        for (name, _), code in zip(sent, codes, strict=True):
+            value = code.value if code is not None else 0
+            errors[name] = (
+                f"device error: {session.status_name(value)}" if value >= 0x80000000 else None
+            )
+        return WriteResult(errors)
+
+    async def _read_types(self, link: _Link, indices: list[int]) -> None:
+        """Learn the VariantType each of ``indices`` is written with (kept per connection).
+
+        The DataType attribute names a built-in type directly for most variables; for a
+        subtype (an enumeration, UtcTime, Duration, …) or an abstract one (BaseDataType,
+        Number) the type of the value the variable holds now is the one to send.
+        """
+        if not indices:
+            return
+        ids = [self._node_ids[i] for i in indices]
+        types = await link.read(
+            self._read_requests(ids, ua.AttributeIds.DataType, ua.TimestampsToReturn.Neither),
+            len(ids),
+        )
+        unknown = []
+        for i, dv in zip(indices, types, strict=True):
+            node = dv.Value.Value if dv.Value is not None else None
+            vt = _builtin_type(node) if isinstance(node, ua.NodeId) else None
+            if vt is None:
+                unknown.append(i)
+            else:
+                self._types[i] = vt
+        if unknown:
+            ids = [self._node_ids[i] for i in unknown]
+            values = await link.read(
+                self._read_requests(ids, ua.AttributeIds.Value, ua.TimestampsToReturn.Neither),
+                len(ids),
+            )
+            for i, dv in zip(unknown, values, strict=True):
+                if dv.Value is not None and dv.Value.VariantType != ua.VariantType.Null:
+                    self._types[i] = dv.Value.VariantType
 
     # -- poll ---------------------------------------------------------------------------------
 
@@ -642,6 +784,68 @@ class OpcUaConnector:
         for i, code in codes.items():
             record.mark(self.point_names[i], quality_of(code), code)
         return [record]
+
+
+def _builtin_type(data_type: ua.NodeId) -> ua.VariantType | None:
+    """The VariantType of a built-in DataType node id (ns=0;i=1 … i=25), else ``None``."""
+    ident = data_type.Identifier
+    if data_type.NamespaceIndex != 0 or type(ident) is not int or not 1 <= ident <= 25:
+        return None
+    vt = ua.VariantType(ident)
+    return vt if vt in _WRITABLE_TYPES else None
+
+
+_WRITABLE_TYPES = frozenset(
+    {
+        ua.VariantType.Boolean,
+        *_INTEGER_RANGES,
+        ua.VariantType.Float,
+        ua.VariantType.Double,
+        ua.VariantType.String,
+        ua.VariantType.DateTime,
+    }
+)
+
+
+def _variant(name: str, value: FieldValue, vt: ua.VariantType) -> ua.Variant | str:
+    """``value`` as a Variant of ``vt``, or why it cannot be one (refused / out of range)."""
+    is_bool = isinstance(value, bool)
+    is_number = isinstance(value, int | float) and not is_bool
+    if vt == ua.VariantType.Boolean:
+        if not is_bool:
+            return f"refused: point {name!r} is a Boolean and takes true or false, not {value!r}"
+        return ua.Variant(value, vt)
+    if vt == ua.VariantType.String:
+        if not isinstance(value, str):
+            return f"refused: point {name!r} is a String and takes a string, not {value!r}"
+        return ua.Variant(value, vt)
+    if not is_number:
+        return f"refused: point {name!r} is a {vt.name} and takes a number, not {value!r}"
+    assert isinstance(value, int | float)
+    if not math.isfinite(value):
+        return f"refused: {value!r} is not a finite number"
+    span = _INTEGER_RANGES.get(vt)
+    if span is not None:
+        if isinstance(value, float) and not value.is_integer():
+            return f"refused: point {name!r} is an {vt.name} and takes an integer, not {value!r}"
+        low, high = span
+        if not low <= value <= high:
+            return f"out of range: {value!r} does not fit {vt.name} [{low}, {high}]"
+        return ua.Variant(int(value), vt)
+    if vt == ua.VariantType.Float:
+        if abs(value) > _FLOAT_MAX:
+            return f"out of range: {value!r} does not fit a Float"
+        return ua.Variant(float(value), vt)
+    if vt == ua.VariantType.Double:
+        return ua.Variant(float(value), vt)
+    if vt == ua.VariantType.DateTime:
+        if isinstance(value, float) and not value.is_integer():
+            return f"refused: point {name!r} is a DateTime and takes Unix nanoseconds (an integer)"
+        try:
+            return ua.Variant(_EPOCH + timedelta(microseconds=int(value) // 1000), vt)
+        except OverflowError:
+            return f"out of range: {value!r} ns is not a date a DateTime can hold"
+    return f"refused: point {name!r} is a {vt.name}, which commands cannot write"
 
 
 def _stop_if_cancelled(task: asyncio.Task[object] | None) -> None:

@@ -10,6 +10,13 @@ unread points Bad) has been emitted; the runtime's supervisor logs it, waits a j
 capped exponential backoff and calls ``run`` again, which connects anew. So a PLC that is
 absent at start, switched off, or restarted is retried without ever stopping the daemon,
 and after a timeout the old connection is never used again.
+
+Write-back (``write``): each point of a command goes out as one S7 write request on the
+polling connection (requests take turns on it): a ``bool`` as an S7 bit write (the PLC
+changes that bit alone), every other type as a byte write of its encoding (see
+``encode``), split into requests that fit the negotiated PDU. A return code other than
+success is ``device error: …``; a timeout answers ``timeout: …`` and ends the connection,
+as it does for a poll.
 """
 
 from __future__ import annotations
@@ -18,22 +25,31 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from plantbus.broker.configtypes import Duration, StrictModel
-from plantbus.broker.connector import BuildContext, DeviceConfig, Emit
+from plantbus.broker.configtypes import Duration
+from plantbus.broker.connector import (
+    BuildContext,
+    DeviceConfig,
+    Emit,
+    WritablePointConfig,
+    WritePoint,
+    WriteResult,
+)
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import FieldValue, Quality, Record, Series
 from plantbus.broker.topics import validate_topic
 from plantbus.codecs.line_protocol import check_name
 from plantbus.connectors.s7.address import AREA_CODES, Address, parse_address, parse_type
 from plantbus.connectors.s7.decode import DecodeError, Decoder, decoder
+from plantbus.connectors.s7.encode import EncodeError, encode, value_kind
 from plantbus.connectors.s7.link import (
     Link,
     LinkError,
+    LinkTimeout,
     ReadItem,
     RequestRefused,
     check_driver,
@@ -84,7 +100,7 @@ def parse_tsap(value: object) -> int:
     return n
 
 
-class PointConfig(StrictModel):
+class PointConfig(WritablePointConfig):
     """One point: a field of every record.
 
     Attributes:
@@ -93,6 +109,9 @@ class PointConfig(StrictModel):
         type: the data type when the address's size letter does not say it (``int`` for a
             ``W`` address, ``real`` for a ``D`` one, ``string[20]``, ``date_and_time``);
             the same as a ``:TYPE`` suffix on the address.
+        writable: commands may write it (DB, M and Q addresses; inputs are the PLC's own
+            image of its input modules); see ``WritablePointConfig``.
+        write_limits: ``[low, high]``: the range of a command value (numeric types).
     """
 
     name: str = Field(min_length=1)
@@ -124,6 +143,24 @@ class PointConfig(StrictModel):
             parse_address(address, v)
         return v
 
+    @model_validator(mode="after")
+    def _writable_address(self) -> PointConfig:
+        if not self.writable:
+            return self
+        address = self.parsed
+        if address.area == "I":
+            raise ValueError(
+                f"point {self.name!r}: writable applies to DB, M and Q addresses; "
+                f"{self.address} is an input, which the PLC reads from its input modules"
+            )
+        kind = value_kind(address)
+        if self.write_limits is not None and kind == "str":
+            raise ValueError(
+                f"point {self.name!r}: write_limits applies only to numbers, "
+                f"not to {address.type.name}"
+            )
+        return self
+
     @property
     def parsed(self) -> Address:
         """The parsed address (cached; it was validated with the config)."""
@@ -146,6 +183,10 @@ class Config(DeviceConfig):
             480 on S7-1200, 960 on S7-1500).
         timeout: for connecting and for each reply; then the connection is dropped.
         max_gap: bytes of unused data read to merge two ranges into one item.
+        bit_writes: how a command writes a ``bool`` point: ``bit`` (an S7 bit write, which
+            the PLC applies to that bit alone) or ``byte`` (read the byte, change the bit,
+            write the byte: for PLCs and simulators that do not take bit writes; a bit the
+            PLC's own program changes in between is overwritten).
         points: at least one; names unique.
     """
 
@@ -159,6 +200,7 @@ class Config(DeviceConfig):
     pdu_size: int = Field(default=960, ge=240, le=960)
     timeout: Duration = 3.0
     max_gap: int = Field(default=16, ge=0, le=1024)
+    bit_writes: Literal["bit", "byte"] = "bit"
     points: list[PointConfig] = Field(min_length=1)
 
     @field_validator("local_tsap", "remote_tsap", mode="before")
@@ -211,6 +253,7 @@ class S7Connector:
         polls / emitted: polls completed and records emitted (emit returned).
         requests: read requests answered.
         connects: connections opened.
+        writes: write requests sent (write-back).
         faults: connections lost to a timeout, a broken connection or a reply out of step.
         overruns / missed: polls that ended after the next was due / polls skipped for it.
     """
@@ -252,6 +295,13 @@ class S7Connector:
         self._sleep = sleep
         self._time_ns = time_ns
         self._last_ns = 0
+        self.write_points: dict[str, WritePoint] = {
+            p.name: p.write_point(p.name, value_kind(a))
+            for p, a in zip(config.points, self.addresses, strict=True)
+        }
+        self._index = {name: i for i, name in enumerate(self.point_names)}
+        self._link: Link | None = None  # the open connection, for write
+        self.writes = 0
         self.connected = False
         self.pdu_size = 0
         self.polls = 0
@@ -421,6 +471,7 @@ class S7Connector:
             await link.open()
             self.connects += 1
             self.connected = True
+            self._link = link
             self.pdu_size = link.pdu_size
             if self.plan is None or self.plan.pdu_size != link.pdu_size:
                 self.make_plan(link.pdu_size)
@@ -439,7 +490,79 @@ class S7Connector:
             await self._schedule(link, emit)
         finally:
             self.connected = False
+            self._link = None
             await link.close()
+
+    # -- write-back --------------------------------------------------------------------------
+
+    async def write(self, points: Mapping[str, FieldValue]) -> WriteResult:
+        """Write each point of ``points`` in order (see the module doc).
+
+        Returns:
+            per point ``None`` (written) or the reason it was not; after a timeout or a lost
+            connection the points not yet written get the same reason.
+        """
+        errors: dict[str, str | None] = {}
+        link = self._link
+        fatal: str | None = None
+        if link is None or not link.is_open:
+            fatal = f"device error: not connected to {self.config.host}:{self.config.port}"
+        for name, value in points.items():
+            if fatal is not None:
+                errors[name] = fatal
+                continue
+            assert link is not None
+            i = self._index.get(name)
+            if i is None or not self.write_points[name].writable:
+                errors[name] = f"refused: point {name!r} is not writable"
+                continue
+            address = self.addresses[i]
+            try:
+                data = encode(name, address, value)
+            except EncodeError as exc:
+                errors[name] = str(exc)
+                continue
+            try:
+                rc = await self._write_bytes(link, address, data)
+            except RequestRefused as exc:
+                errors[name] = f"device error: {describe(header_error_status(exc.error))}"
+                continue
+            except LinkTimeout as exc:
+                self.faults += 1
+                fatal = errors[name] = f"timeout: {exc}"
+                continue
+            except LinkError as exc:
+                self.faults += 1
+                fatal = errors[name] = f"device error: {exc}"
+                continue
+            errors[name] = None if rc == ITEM_OK else f"device error: {describe(item_status(rc))}"
+        return WriteResult(errors)
+
+    async def _write_bytes(self, link: Link, address: Address, data: bytes) -> int:
+        """Write ``data`` at ``address`` (a bit write for a bool); the S7 return code."""
+        area = AREA_CODES[address.area]
+        if address.bit is not None:
+            self.writes += 1
+            if self.config.bit_writes == "bit":
+                return await link.write(
+                    area, address.db, address.offset * 8 + address.bit, data, bit=True
+                )
+            # read-modify-write of the byte, for PLCs (and simulators) without bit writes;
+            # the router writes one command per device at a time, so no write of ours races
+            ((rc, now),) = await link.read([(area, address.db, address.offset, 1)])
+            if rc != ITEM_OK:
+                return rc
+            mask = 1 << address.bit
+            byte = now[0] | mask if data[0] else now[0] & ~mask
+            return await link.write(area, address.db, address.offset, bytes((byte,)))
+        # request header 10 + parameters 14 + data header 4 bytes, the rest is data
+        room = max(2, (link.pdu_size - 28) & ~1)
+        for pos in range(0, len(data), room):
+            self.writes += 1
+            rc = await link.write(area, address.db, address.offset + pos, data[pos : pos + room])
+            if rc != ITEM_OK:
+                return rc
+        return ITEM_OK
 
     async def _schedule(self, link: Link, emit: Emit) -> None:
         interval, clock = self.interval, self._clock

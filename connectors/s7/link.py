@@ -47,6 +47,7 @@ ReadItem = tuple[int, int, int, int]
 
 _ACK_TYPES = (0x02, 0x03)  # ACK, ACK_DATA: the reply types with an error class and code
 _READ_VAR = 0x04
+_WRITE_VAR = 0x05
 _BIT_LENGTH_TRANSPORTS = (0x03, 0x04, 0x05)  # BIT, BYTE/WORD/DWORD, INTEGER: length in bits
 _CLOSE_WAIT = 1.0  # seconds an orderly disconnect may take before the socket is aborted
 
@@ -140,6 +141,11 @@ class Link:
         self.max_jobs = 0
         self._conn: Any = None
         self._protocol: Any = None
+        self._turn = asyncio.Lock()  # one request on the wire at a time (polls and writes)
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None and bool(self._conn.connected)
 
     @property
     def peer(self) -> str:
@@ -221,7 +227,35 @@ class Link:
             await self.close()
             raise LinkDesync(f"{self.peer}: malformed read reply: {e}") from None
 
+    async def write(self, area: int, db: int, start: int, data: bytes, *, bit: bool = False) -> int:
+        """Write ``data`` in one request; the item's S7 return code (``0xFF``: written).
+
+        Args:
+            area / db: the S7 area code and DB number (0 outside DBs).
+            start: the first byte, or with ``bit`` the bit number (byte * 8 + bit).
+            data: the bytes; with ``bit`` one byte, 1 or 0.
+
+        Raises:
+            RequestRefused: the PLC refused the request as a whole (connection still fine).
+            LinkError: timeout, broken connection or a reply out of step (now unusable).
+        """
+        from snap7.datatypes import S7WordLen
+
+        word_len = S7WordLen.BIT if bit else S7WordLen.BYTE
+        request = self._protocol.build_write_request(area, db, start, word_len, data)
+        response = await self._exchange(request)
+        params = response.get("parameters") or {}
+        raw = response.get("raw_data", b"")
+        if params.get("function_code") != _WRITE_VAR or params.get("item_count") != 1 or not raw:
+            await self.close()
+            raise LinkDesync(f"{self.peer}: reply is not the write of 1 item that was sent")
+        return int(raw[0])
+
     async def _exchange(self, request: bytes) -> dict[str, Any]:
+        async with self._turn:
+            return await self._exchange_now(request)
+
+    async def _exchange_now(self, request: bytes) -> dict[str, Any]:
         from snap7.error import S7ConnectionError, S7Error, S7TimeoutError
 
         conn = self._conn

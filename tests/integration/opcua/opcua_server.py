@@ -10,14 +10,16 @@ The spec (JSON)::
     {"port": 48400,
      "namespace": "urn:plantbus:test",   # registered as ns=2
      "variables": [{"node": "s=Line1.Temp", "name": "Temp", "parent": "Line1",
-                    "type": "Double", "value": 21.5}, ...],
+                    "type": "Double", "value": 21.5,
+                    "readonly": false}, ...],          # readonly: not set_writable
      "max_nodes_per_read": 7,            # published in OperationLimits and enforced
      "security": {"certificate": "server.der", "private_key": "server.pem",
                   "application_uri": "urn:…", "policies": ["Basic256Sha256_Sign", …],
                   "users": {"operator": "secret"}},
      "writer": {"period": 0.02, "first": 0, "count": 1000}}  # change values on a timer
 
-Commands: ``write`` (one value, optional status code and source time), ``write_many``
+Commands: ``read`` (the value a node holds and its VariantType),
+``write`` (one value, optional status code and source time), ``write_many``
 (values sharing one source and one server time), ``add`` (a variable), ``delete`` (a
 node; asyncua's server does not tell its monitored items), ``limit`` (publish and
 enforce MaxNodesPerRead; 0: none), ``reads`` (sizes of the Read requests for our namespace
@@ -33,7 +35,7 @@ import json
 import logging
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +155,8 @@ class Harness:
         node = await parent.add_variable(
             nid, ua.QualifiedName(var["name"], self.idx), _variant(var)
         )
-        await node.set_writable()
+        if not var.get("readonly"):
+            await node.set_writable()
         if "status" in var:
             await self.server.write_attribute_value(nid, _datavalue(var, var.get("source_ns")))
 
@@ -213,6 +216,16 @@ class Harness:
                 await self.server.write_attribute_value(
                     self.nodeid(item["node"]), _datavalue(item, src, now)
                 )
+        elif op == "read":
+            # what the server holds: the value (JSON-able) and its VariantType
+            dv = self.server.read_attribute_value(self.nodeid(cmd["node"]))
+            value = dv.Value.Value
+            if isinstance(value, datetime):
+                aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+                value = (
+                    (aware - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+                )
+            return {"ok": True, "value": value, "type": dv.Value.VariantType.name}
         elif op == "delete":
             await self.server.delete_nodes([self.server.get_node(self.nodeid(cmd["node"]))])
         elif op == "add":

@@ -7,6 +7,7 @@ connection handshake::
     async with S7Proxy(server_port) as proxy:
         proxy.delay_reply(1.0)      # hold the next read reply for 1 s (the client times out)
         proxy.duplicate_reply()     # send the next read reply twice (a stale reply follows)
+        proxy.delay_write_reply(1.0)  # hold the next write reply for 1 s
         await proxy.fault_done.wait()
 """
 
@@ -22,7 +23,11 @@ __all__ = ["S7Proxy"]
 
 def _is_read_reply(frame: bytes) -> bool:
     # TPKT (4) + COTP DT (3) + S7 header: 0x32, ACK_DATA, ..., 12 bytes, then the function
-    return len(frame) >= 20 and frame[7] == 0x32 and frame[8] == 0x03 and frame[19] == 0x04
+    return _is_reply_to(frame, 0x04)
+
+
+def _is_reply_to(frame: bytes, function: int) -> bool:
+    return len(frame) >= 20 and frame[7] == 0x32 and frame[8] == 0x03 and frame[19] == function
 
 
 class S7Proxy:
@@ -44,6 +49,7 @@ class S7Proxy:
         self.fault_done = asyncio.Event()
         self.fault_connection = 0
         self._faults: deque[tuple[Literal["delay", "duplicate"], float]] = deque()
+        self._write_delays: deque[float] = deque()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -51,6 +57,11 @@ class S7Proxy:
         """Hold the next read reply for ``seconds`` before forwarding it."""
         self.fault_done.clear()
         self._faults.append(("delay", seconds))
+
+    def delay_write_reply(self, seconds: float) -> None:
+        """Hold the next write reply (S7 function 0x05) for ``seconds`` before forwarding it."""
+        self.fault_done.clear()
+        self._write_delays.append(seconds)
 
     def duplicate_reply(self) -> None:
         """Forward the next read reply twice."""
@@ -112,6 +123,11 @@ class S7Proxy:
                 header = await reader.readexactly(4)
                 frame = header + await reader.readexactly(int.from_bytes(header[2:4], "big") - 4)
                 copies = 1
+                if self._write_delays and _is_reply_to(frame, 0x05):
+                    seconds = self._write_delays.popleft()
+                    self.fault_connection = number
+                    self.fault_done.set()
+                    await asyncio.sleep(seconds)
                 if _is_read_reply(frame) and self._faults:
                     kind, seconds = self._faults.popleft()
                     self.fault_connection = number
