@@ -1,4 +1,4 @@
-"""The ``plantbus`` command: ``run``, ``check`` and ``demo``.
+"""The ``plantbus`` command: ``run``, ``check``, ``demo`` and ``decrypt``.
 
 Exit codes (contract): 0 ok, 2 bad config or usage, 1 runtime failure. A config error is
 printed as the loader's messages (each naming the file and the key path), never as a
@@ -139,7 +139,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the demo writes its files (default: var/demo)",
     )
     _add_discover(verbs, common)
+    _add_decrypt(verbs)
     return parser
+
+
+def _add_decrypt(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "decrypt",
+        help="open encrypted payloads or files back into records",
+        description=(
+            "Open an encrypted bridge payload or an encrypted file-sink file "
+            "(docs/encryption.md) and print its records: JSON lines or line protocol."
+        ),
+    )
+    p.add_argument(
+        "--key",
+        dest="keys",
+        action="append",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="a key file of the ring (repeat for every key id the data may use)",
+    )
+    p.add_argument("input", nargs="?", type=Path, help="payload or file to open (default: stdin)")
+    p.add_argument(
+        "--raw", action="store_true", help="print the plaintexts as they are (JSON arrays)"
+    )
+
+
+def _cmd_decrypt(args: argparse.Namespace) -> int:
+    from plantbus.broker.crypto import EnvelopeError, KeyError_, KeyRing, as_records, open_all
+
+    try:
+        ring = KeyRing.from_files(args.keys)
+    except KeyError_ as e:
+        print(f"plantbus decrypt: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        data = args.input.read_bytes() if args.input else sys.stdin.buffer.read()
+    except OSError as e:
+        print(f"plantbus decrypt: cannot read {args.input}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    out = sys.stdout.buffer
+    try:
+        for plaintext in open_all(ring, data):
+            out.write(plaintext if args.raw else as_records(plaintext))
+    except (EnvelopeError, ValueError) as e:
+        out.flush()
+        print(f"plantbus decrypt: {args.input or 'stdin'}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    out.flush()
+    return EXIT_OK
 
 
 def _add_discover(verbs: Any, common: argparse.ArgumentParser) -> None:
@@ -279,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_run(args)
     if args.verb == "discover":
         return _cmd_discover(args)
+    if args.verb == "decrypt":
+        return _cmd_decrypt(args)
     return _cmd_demo(args)
 
 

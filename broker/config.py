@@ -760,6 +760,19 @@ class _Loader:
                     validate_filter(flt)
                 except ValueError as e:
                     self.error(f, (*prefix, "subscribe", i), str(e))
+            self._check_keys(f, prefix, getattr(s.config, "encrypt", None))
+
+    def _check_keys(self, f: _File, prefix: tuple[Key, ...], encrypt: Any) -> None:
+        """Each key file of a sink's ``encrypt`` table must hold a 256-bit key."""
+        if encrypt is None:
+            return
+        from plantbus.broker.crypto import KeyError_, load_key
+
+        for i, path in enumerate(encrypt.key_files):
+            try:
+                load_key(path)
+            except KeyError_ as e:
+                self.error(f, (*prefix, "encrypt", "key_files", i), str(e))
 
 
 def _with_defaults(raw: Any, defaults: BaseModel) -> tuple[Any, dict[str, str]]:

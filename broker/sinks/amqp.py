@@ -37,6 +37,7 @@ from plantbus.broker.sinks.bridge import (
     Template,
     check_template,
     describe,
+    sealer_of,
     ssl_context,
 )
 
@@ -134,10 +135,15 @@ class AmqpSink(BridgeCounters):
             max_records=config.max_records,
             max_bytes=config.max_message_bytes,
             fixed=config.routing_key if template.static else None,
+            sealer=sealer_of(config.encrypt),
         )
         self._delivery = Delivery()
         self._content_type = (
-            "application/json" if config.codec == "json" else "text/plain; charset=utf-8"
+            "application/octet-stream"  # a plantbus envelope (docs/encryption.md)
+            if config.encrypt is not None
+            else "application/json"
+            if config.codec == "json"
+            else "text/plain; charset=utf-8"
         )
         self._connection: Any = None
         self._channel: Any = None

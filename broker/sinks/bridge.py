@@ -38,6 +38,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import Field, SecretStr, model_validator
 
 from plantbus.broker.configtypes import Size, TlsConfig
+from plantbus.broker.crypto import EncryptConfig, KeyRing, Sealer
 from plantbus.broker.sinks.base import EncodedBatch, SinkConfig
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "Template",
     "check_template",
     "describe",
+    "sealer_of",
     "ssl_context",
 ]
 
@@ -137,6 +139,8 @@ class BridgeConfig(SinkConfig):
             goes, alone).
         username / password: credentials (the broker's own login; SASL PLAIN for Kafka).
         tls: the shared TLS table (CA, client certificate and key, verify).
+        encrypt: seal every message in an AES-256-GCM envelope with the active key of
+            this key ring (``docs/encryption.md``); None: plain messages.
     """
 
     codec: Literal["json", "line_protocol"] = "json"
@@ -145,6 +149,7 @@ class BridgeConfig(SinkConfig):
     username: str | None = None
     password: SecretStr | None = None
     tls: TlsConfig | None = None
+    encrypt: EncryptConfig | None = None
 
     @model_validator(mode="after")
     def _check_bridge(self) -> BridgeConfig:
@@ -169,6 +174,15 @@ def check_template(v: str) -> str:
     """A pydantic field validator body: the template must parse."""
     Template(v)
     return v
+
+
+def sealer_of(config: EncryptConfig | None) -> Sealer | None:
+    """The sealer of a sink's ``encrypt`` table (keys read now), or None without one.
+
+    Raises:
+        plantbus.broker.crypto.KeyError_: a key file that is missing or not a 256-bit key.
+    """
+    return None if config is None else Sealer(KeyRing.from_config(config))
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +223,8 @@ class Splitter(Generic[T]):
         needs_device: whether ``target_of`` uses the device (reads the tags of each record).
         max_records / max_bytes: bounds of one JSON message.
         fixed: the target of every message when ``codec`` is ``line_protocol``.
+        sealer: seals each message's payload into an envelope (after splitting, so the
+            size bounds apply to the plaintext; an envelope adds 33 bytes + the key id).
 
     Attributes:
         slow_splits: JSON batches that were not in the codec's shape and had to be decoded.
@@ -223,8 +239,10 @@ class Splitter(Generic[T]):
         max_records: int,
         max_bytes: int,
         fixed: T | None = None,
+        sealer: Sealer | None = None,
     ):
         self.codec = codec
+        self.sealer = sealer
         self._target_of = target_of
         self._needs_device = needs_device
         self.max_records = max_records
@@ -237,11 +255,18 @@ class Splitter(Generic[T]):
         self.slow_splits = 0
 
     def split(self, batch: EncodedBatch) -> list[Message[T]]:
-        """The messages of ``batch``, per target in batch order.
+        """The messages of ``batch``, per target in batch order (sealed with a sealer).
 
         Raises:
             ValueError: a JSON payload that is not an array of records (a bug upstream).
         """
+        messages = self._split_plain(batch)
+        seal = self.sealer
+        if seal is None:
+            return messages
+        return [Message(m.target, seal.seal(m.payload), m.records) for m in messages]
+
+    def _split_plain(self, batch: EncodedBatch) -> list[Message[T]]:
         if self.codec != "json":
             assert self._fixed is not None
             return [Message(self._fixed, batch.payload, batch.records)]

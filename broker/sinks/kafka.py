@@ -41,6 +41,7 @@ from plantbus.broker.sinks.bridge import (
     Template,
     check_template,
     describe,
+    sealer_of,
     ssl_context,
 )
 
@@ -161,6 +162,7 @@ class KafkaSink(BridgeCounters):
             max_records=config.max_records,
             max_bytes=config.max_message_bytes,
             fixed=fixed,
+            sealer=sealer_of(config.encrypt),
         )
         self._delivery = Delivery()
         self._producer: Any = None

@@ -36,6 +36,7 @@ from plantbus.broker.sinks.bridge import (
     Template,
     check_template,
     describe,
+    sealer_of,
     ssl_context,
 )
 
@@ -141,6 +142,7 @@ class MqttSink(BridgeCounters):
             max_records=config.max_records,
             max_bytes=config.max_message_bytes,
             fixed=config.topic if template.static else None,
+            sealer=sealer_of(config.encrypt),
         )
         self._delivery = Delivery()
         self._client: Any = None
