@@ -36,8 +36,9 @@ from plantbus.broker.connector import BuildContext, Connector
 from plantbus.broker.outlet import Outlet, buffer_dir, group_sinks, make_buffer
 from plantbus.broker.record import Record
 from plantbus.broker.registry import load_device_module, load_sink_module
+from plantbus.broker.sdnotify import Notifier, Watchdog, watchdog_interval
 from plantbus.broker.sinks.base import Sink, SinkConfig
-from plantbus.broker.supervisor import DEFAULT_HEALTHY_AFTER, Supervisor, describe_error
+from plantbus.broker.supervisor import DEFAULT_HEALTHY_AFTER, Phase, Supervisor, describe_error
 
 __all__ = [
     "BuildError",
@@ -72,6 +73,8 @@ tracebacks, HTTP clients) are still collected, just later.
 
 _STOP_GRACE = 2.0  # extra seconds an outlet's own bounded stop() gets before we stop waiting
 _FORCE_EXIT_AFTER = 3.0  # a forced exit that does not finish by then ends the process hard
+_STUCK_GRACE = 60.0  # a backoff wait overrunning its delay by this much: the supervisor is stuck
+_ENDED = (Phase.STOPPED, Phase.FINISHED)
 
 
 class BuildError(Exception):
@@ -262,6 +265,9 @@ class Runtime:
         self._tg: asyncio.TaskGroup | None = None
         self._main: asyncio.Task[None] | None = None
         self._signals_installed: list[signal.Signals] = []
+        # systemd's notify socket (READY/RELOADING/STOPPING/WATCHDOG); a no-op without one
+        self.notifier = Notifier()
+        self.watchdog: Watchdog | None = None
 
     # -- settings ----------------------------------------------------------------------------
 
@@ -443,6 +449,12 @@ class Runtime:
                     ", ".join(self.outlets) or "no sinks",
                 )
                 self._started.set()
+                self.notifier.ready(self._status_text())
+                interval = watchdog_interval()
+                watchdog_task: asyncio.Task[None] | None = None
+                if interval is not None and self.notifier.enabled:
+                    self.watchdog = Watchdog(self.notifier, interval, self._liveness_problem)
+                    watchdog_task = tg.create_task(self.watchdog.run(), name="watchdog")
                 while True:
                     await self._wake.wait()
                     self._wake.clear()
@@ -450,13 +462,52 @@ class Runtime:
                         break
                     if self._reload_pending:
                         self._reload_pending = False
+                        self.notifier.reloading()
                         await self._reload()
+                        self.notifier.ready(self._status_text())
+                self.notifier.stopping("draining")
+                if watchdog_task is not None:
+                    # TimeoutStopSec bounds the drain, not the watchdog; and the task
+                    # group ends only when every task has
+                    watchdog_task.cancel()
                 await self._drain()
         finally:
             self._tg = None
+            self.notifier.close()
             if watcher is not None:
                 watcher.cancel()
             self._remove_signal_handlers()
+
+    def _status_text(self) -> str:
+        devices = _plural(len(self.devices), "device")
+        return f"running: {devices}, {_plural(len(self.outlets), 'outlet')}"
+
+    def _liveness_problem(self) -> str | None:
+        """Why the watchdog must not ping, or None: a supervisor task that is no longer alive.
+
+        A device that is down does not count: its supervisor is alive, backing off. Only a
+        supervisor that ended (an error escaped it) or the command router ending does.
+        Checked on the event loop, so a frozen loop sends no ping at all.
+        """
+        if self._stopping:
+            return None  # the drain ends tasks on purpose; TimeoutStopSec bounds it
+        now = time.monotonic()
+        for kind, handles in (("device", self.devices), ("outlet", self.outlets)):
+            for name, handle in handles.items():
+                status = handle.supervisor.status
+                task = handle.task
+                # STOPPED: cancelled on purpose (a reload); FINISHED: returned, logged already
+                if task is not None and task.done() and status.phase not in _ENDED:
+                    return f"{kind} {name}: its supervisor has ended"
+                if (
+                    status.phase is Phase.BACKING_OFF
+                    and status.retry_in is not None
+                    and now - status.since > status.retry_in + _STUCK_GRACE
+                ):
+                    return f"{kind} {name}: its supervisor is stuck backing off"
+        if self._commands_task is not None and self._commands_task.done():
+            return "the command router has ended"
+        return None
 
     async def _watch(self, stop_event: asyncio.Event) -> None:
         await stop_event.wait()
