@@ -380,3 +380,22 @@ async def test_running_runtime_sets_gc_thresholds_and_freezes_what_it_built(
         await rt.shutdown()
     finally:
         gc.set_threshold(*saved)
+
+
+async def test_a_disk_buffer_lives_under_state_dir_and_survives_a_reload(tmp_path: Path) -> None:
+    disk = '\nbuffer = { kind = "disk", sync_interval = "10ms" }\n'
+    rt = Runtime(config(tmp_path, sim("a", batch=1), memory("m1") + disk))
+    await rt.start()
+    folder = tmp_path / "state" / "buffers" / "memory" / "m1"  # relative state_dir: the file's
+    assert rt.outlets["m1"].outlet.channels[0].buffer.path == folder  # type: ignore[attr-defined]
+    await wait_for(lambda: len(RecordingSink.written.get("m1", [])) > 10)
+    old = rt.outlets["m1"]
+    # a changed sink: its outlet drains into the folder and closes it before the new one opens
+    await rt.apply(config(tmp_path, sim("a", batch=1), memory("m1", label="v2") + disk))
+    assert rt.outlets["m1"] is not old and old.outlet.channels[0].buffer.closed  # type: ignore[attr-defined]
+    n = len(RecordingSink.written["m1"])
+    await wait_for(lambda: len(RecordingSink.written["m1"]) > n + 10)
+    await rt.shutdown()
+    got = counters(RecordingSink.written["m1"], "a")
+    assert len(got) == len(set(got)) and got == sorted(got)  # nothing twice, in order
+    assert (folder / "synced").exists()
