@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import os
 import sys
@@ -64,10 +65,48 @@ class _JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
-def setup_logging(level: str) -> None:
-    """One line per event on stderr; under systemd, in the journal's own format."""
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line (``node.log_format = "json"``), for log shippers.
+
+    Keys: ``ts`` (Unix seconds), ``level``, ``logger``, ``msg``, and ``exc`` when a traceback
+    is attached (debug level only), so one event is always one line.
+    """
+
+    def __init__(self, journal: bool = False):
+        super().__init__()
+        self._journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        line = json.dumps(out, ensure_ascii=False)
+        if self._journal:
+            return f"<{_JournalFormatter._PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """One line per event on stderr; under systemd, in the journal's own format.
+
+    Args:
+        level: ``debug``, ``info``, ``warning`` or ``error``.
+        fmt: ``text`` (readable lines) or ``json`` (one object per line). Under journald
+            (``JOURNAL_STREAM`` set) both carry a ``<N>`` syslog priority prefix and no time.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter(journal))
+    elif journal:
         handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -89,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.lower,
         default=None,
         help="log level (default: the config's, else info)",
+    )
+    common.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        type=str.lower,
+        default=None,
+        help="text lines or one JSON object per line (default: the config's, else text)",
     )
     parser = argparse.ArgumentParser(
         prog="plantbus",
@@ -274,7 +320,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_errors(exc.messages)
         return EXIT_USAGE
-    setup_logging(_log_level(args, config))
+    setup_logging(_log_level(args, config), args.log_format or config.node.log_format)
     log.info("plantbus %s starting (config %s, pid %d)", _version(), args.config, os.getpid())
     runtime = Runtime(config, config_path=args.config, handle_signals=True)
     return run_runtime(runtime, runtime.run())

@@ -92,6 +92,7 @@ class NodeConfig(StrictModel):
     tags: dict[str, str] = Field(default_factory=dict)  # added to every record
     state_dir: Path = Path("/var/lib/plantbus")  # disk buffers, certificates
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # `--log-level` wins
+    log_format: Literal["text", "json"] = "text"  # `--log-format` wins
     shutdown_timeout: Duration = 10.0  # how long a drain (SIGTERM) may take
 
     @field_validator("shutdown_timeout")

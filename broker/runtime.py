@@ -142,6 +142,9 @@ class DeviceHandle:
         self.connector = connector
         self._publish = publish
         self.emitted = 0
+        self.reads = 0  # emits that carried records: one per read
+        self.publish_seconds = 0.0  # time reads waited for the bus (back-pressure)
+        self.last_success: float | None = None  # Unix time of the last such read
         self.last: Record | None = None
         self.task: asyncio.Task[None] | None = None
         self.topic = ""  # the device's topic; commands arrive on "$cmd/<topic>"
@@ -157,8 +160,13 @@ class DeviceHandle:
         """The connector's ``Emit``: publish one read's records on the bus."""
         # awaiting publish is the back-pressure of `block` subscribers; count only what the
         # bus accepted, so `emitted` is exact even when a drain cancels mid-publish
+        t0 = time.perf_counter()
         await self._publish(records)
         if records:
+            # per read, not per record: a few float and int updates
+            self.publish_seconds += time.perf_counter() - t0
+            self.reads += 1
+            self.last_success = time.time()
             self.emitted += len(records)
             self.last = records[-1]
 
@@ -173,7 +181,13 @@ class DeviceHandle:
         return value if isinstance(value, int) else None
 
     def metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.entry.kind, "emitted": self.emitted}
+        out: dict[str, Any] = {
+            "kind": self.entry.kind,
+            "emitted": self.emitted,
+            "reads": self.reads,
+            "publish_seconds": self.publish_seconds,
+            "last_success": self.last_success,
+        }
         if self.last is not None:
             out["topic"] = self.last.series.topic
         if self.overruns is not None:

@@ -5,7 +5,11 @@ an ``async`` callable that runs until it is cancelled (a connector's ``run(emit)
 it has finished its work (an outlet's ``run()`` returns after ``stop()``). When it raises,
 the supervisor logs one line naming the component and the error (the traceback goes to
 debug level, so a flapping PLC does not flood the journal), waits a jittered exponential
-backoff and calls it again. Faults stay inside the supervisor: one PLC's fault never
+backoff and calls it again. A component that keeps failing the same way (a PLC that is
+switched off) does not flood the journal either: the first fault of a streak is an error
+line, a different fault is another, the repeats go to debug level with a warning reminder
+every ``remind_every`` seconds (5 minutes), and one info line says when it has run fault-free
+for ``healthy_after`` seconds again. Faults stay inside the supervisor: one PLC's fault never
 cancels another device or a sink. Cancelling the supervisor's task stops the component
 cleanly, including while it is backing off.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +44,18 @@ DEFAULT_HEALTHY_AFTER = 30.0
 A component that faults more often than this is flapping, and its restarts keep
 slowing down up to the cap instead of hammering the device every half second.
 """
+
+
+DEFAULT_REMIND_EVERY = 300.0
+"""Seconds between the reminder lines of a component that keeps failing the same way."""
+
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _fault_key(text: str) -> str:
+    # numbers ("after 3 attempts", a port) and a "; detail" tail ("; next attempt in 0.4s")
+    # vary from fault to fault; the fault itself does not
+    return _NUMBERS.sub("#", text.split(";", 1)[0])
 
 
 class RetryPolicy(Protocol):
@@ -114,6 +131,7 @@ class Supervisor:
         returns: the component is expected to return when its work is done (an outlet
             after ``stop()``); otherwise a return is unusual and logged as a warning.
         logger: where the one-line fault reports go.
+        remind_every: seconds between reminder lines while the same fault repeats.
     """
 
     def __init__(
@@ -129,6 +147,7 @@ class Supervisor:
         on_change: Callable[[ComponentStatus], None] | None = None,
         returns: bool = False,
         logger: logging.Logger = log,
+        remind_every: float = DEFAULT_REMIND_EVERY,
     ):
         self.name = name
         self._target = target
@@ -139,7 +158,13 @@ class Supervisor:
         self._on_change = on_change
         self._returns = returns
         self._log = logger
+        self._remind_every = remind_every
         self.status = ComponentStatus(name=name, kind=kind, since=clock())
+        # the current streak of faults: how many, the fault's key, when it was last reported
+        self._streak = 0
+        self._streak_key = ""
+        self._reported_at = 0.0
+        self._recovered: asyncio.TimerHandle | None = None
 
     def _enter(self, phase: Phase, retry_in: float | None = None) -> None:
         self.status.phase = phase
@@ -159,25 +184,21 @@ class Supervisor:
             while True:
                 started = self._clock()
                 self._enter(Phase.RUNNING)
+                self._watch_recovery()
                 try:
                     await self._target()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    self._cancel_recovery()
                     if self._clock() - started >= self._healthy_after:
                         self._backoff.reset()
+                        self._streak = 0
                     delay = self._backoff.next()
                     self.status.restarts += 1
                     self.status.last_error = describe_error(exc)
                     self.status.last_error_at = time.time()
-                    self._log.error(
-                        "%s %s failed: %s; restart %d in %.1fs",
-                        kind,
-                        self.name,
-                        self.status.last_error,
-                        self.status.restarts,
-                        delay,
-                    )
+                    self._report(self.status.last_error, delay)
                     self._log.debug("%s %s traceback", kind, self.name, exc_info=exc)
                     self._enter(Phase.BACKING_OFF, retry_in=delay)
                     await self._sleep(delay)
@@ -189,5 +210,73 @@ class Supervisor:
                 self._enter(Phase.FINISHED)
                 return
         except asyncio.CancelledError:
+            self._cancel_recovery()
             self._enter(Phase.STOPPED)
             raise
+        finally:
+            self._cancel_recovery()
+
+    def _report(self, error: str, delay: float) -> None:
+        """One line per change of state; repeats of the same fault go to debug level."""
+        kind = self.status.kind
+        key = _fault_key(error)
+        now = self._clock()
+        self._streak += 1
+        if self._streak == 1 or key != self._streak_key:
+            self._streak_key = key
+            self._reported_at = now
+            self._log.error(
+                "%s %s failed: %s; restart %d in %.1fs",
+                kind,
+                self.name,
+                error,
+                self.status.restarts,
+                delay,
+            )
+        elif now - self._reported_at >= self._remind_every:
+            self._reported_at = now
+            self._log.warning(
+                "%s %s still failing: %s (%d faults in a row); restart %d in %.1fs",
+                kind,
+                self.name,
+                error,
+                self._streak,
+                self.status.restarts,
+                delay,
+            )
+        else:
+            self._log.debug(
+                "%s %s failed again: %s; restart %d in %.1fs",
+                kind,
+                self.name,
+                error,
+                self.status.restarts,
+                delay,
+            )
+
+    def _watch_recovery(self) -> None:
+        # after a streak of faults, say once when the component has run fault-free long enough
+        if self._streak == 0:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._recovered = loop.call_later(self._healthy_after, self._on_recovered)
+
+    def _cancel_recovery(self) -> None:
+        if self._recovered is not None:
+            self._recovered.cancel()
+            self._recovered = None
+
+    def _on_recovered(self) -> None:
+        self._recovered = None
+        if self.status.phase is Phase.RUNNING and self._streak:
+            self._log.info(
+                "%s %s running again (fault-free for %gs after %d faults)",
+                self.status.kind,
+                self.name,
+                self._healthy_after,
+                self._streak,
+            )
+            self._streak = 0

@@ -211,3 +211,49 @@ async def test_a_component_that_returns_is_finished_not_restarted() -> None:
     assert calls == 1
     assert sup.status.phase is Phase.FINISHED
     assert sup.status.as_dict()["state"] == "finished"
+
+
+def test_repeated_fault_logs_one_error_then_debug_then_a_reminder(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A device that stays down: one error, debug repeats, a warning every remind_every."""
+    now = [0.0]
+    attempts = 0
+    seventh = asyncio.Event()
+
+    async def failing() -> None:
+        nonlocal attempts
+        attempts += 1
+        now[0] += 100.0  # each attempt takes 100 s of (fake) time
+        if attempts == 7:
+            seventh.set()
+        if attempts == 5:
+            raise OSError(f"other fault {attempts}")
+        raise ConnectionRefusedError(f"tcp 10.0.0.7:502: refused; next attempt in {attempts}.0s")
+
+    async def main() -> None:
+        sleep = FakeSleep()
+        sup = Supervisor(
+            "press7",
+            failing,
+            FakeBackoff(),
+            sleep=sleep,
+            clock=lambda: now[0],
+            healthy_after=1000.0,
+            remind_every=250.0,
+        )
+        task = asyncio.create_task(sup.run())
+        await asyncio.wait_for(seventh.wait(), 10)
+        await asyncio.sleep(0)  # let the seventh fault be reported
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.DEBUG, logger="plantbus.supervisor"):
+        asyncio.run(main())
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "press7" in r.getMessage()]
+    levels = [level for level, _ in lines if "traceback" not in _]
+    # 1 error; 2, 3 same fault (debug: 100 s, 200 s since the error); 4 reminder (300 s);
+    # 5 a different fault: error; 6 back to the first fault: error; 7 debug
+    assert levels[:7] == ["ERROR", "DEBUG", "DEBUG", "WARNING", "ERROR", "ERROR", "DEBUG"]
+    assert "still failing" in next(m for lvl, m in lines if lvl == "WARNING")
