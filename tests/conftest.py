@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/servers.py, tests/faults.py
 
-from servers import InfluxServer
+from servers import InfluxServer, VictoriaMetricsServer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -26,6 +26,17 @@ _db_names = itertools.count()
 def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
     """A real InfluxDB 1.6.7 for the whole session."""
     server = InfluxServer(tmp_path_factory.mktemp("influxdb"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def victoriametrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetricsServer]:
+    """A real VictoriaMetrics (its InfluxDB ``/api/v2/write``) for the whole session."""
+    server = VictoriaMetricsServer(tmp_path_factory.mktemp("victoriametrics"))
     server.start()
     try:
         yield server

@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-__all__ = ["InfluxServer", "free_port", "wait_until"]
+__all__ = ["InfluxServer", "VictoriaMetricsServer", "free_port", "wait_until"]
 
 
 def free_port() -> int:
@@ -191,6 +191,114 @@ class InfluxServer:
     def count(self, db: str, measurement: str, field: str = "uid") -> int:
         rows = self.rows(f'SELECT count("{field}") FROM "{measurement}"', db)
         return int(rows[0]["count"]) if rows else 0
+
+
+class VictoriaMetricsServer:
+    """A single-node VictoriaMetrics (Debian's ``/usr/bin/victoria-metrics``) in a temp dir.
+
+    It takes line protocol on ``/write`` and ``/api/v2/write``; ``export`` reads series back
+    after a forced flush (VictoriaMetrics keeps numbers only, at millisecond precision).
+
+    Args:
+        base: folder for data and log (a temp dir by default).
+    """
+
+    BINARY = "victoria-metrics"
+
+    def __init__(self, base: Path | None = None):
+        self.base = Path(base or tempfile.mkdtemp(prefix="plantbus-vm-"))
+        self._own_base = base is None
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> VictoriaMetricsServer:
+        if shutil.which(self.BINARY) is None:
+            raise RuntimeError(
+                "victoria-metrics not found: run `make test` (it installs Debian's package)"
+            )
+        if not self.port:
+            self.port = free_port()
+            self.base.mkdir(parents=True, exist_ok=True)
+        log = open(self.base / "vm.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [
+                self.BINARY,
+                f"-httpListenAddr=127.0.0.1:{self.port}",
+                f"-storageDataPath={self.base / 'data'}",
+                "-retentionPeriod=1",  # month; the tests write "now"
+                "-search.latencyOffset=0s",  # points are searchable at once after a flush
+                "-search.disableCache",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                tail = (self.base / "vm.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"victoria-metrics exited with {self.proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_until(up, timeout, "victoria-metrics /health")
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop it by PID (SIGKILL after ``timeout``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_base:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def flush(self) -> None:
+        """Make every point taken so far searchable (``/internal/force_flush``)."""
+        with urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=30) as r:
+            r.read()
+
+    def export(self, match: str) -> list[dict]:  # type: ignore[type-arg]
+        """The series matching a selector from ``/api/v1/export`` (after a flush): dicts with
+        ``metric`` (labels), ``values`` and ``timestamps`` (ms)."""
+        self.flush()
+        q = urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{q}", timeout=30) as r:
+            text = r.read().decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def points(
+        self, match: str, at_least: int = 1, timeout: float = 30.0
+    ) -> dict[tuple[tuple[str, str], ...], dict[int, float]]:
+        """labels (sorted pairs) -> {timestamp ms: value} of the matching series, once at
+        least ``at_least`` points are searchable (a flushed point can take a moment)."""
+
+        def read() -> dict[tuple[tuple[str, str], ...], dict[int, float]] | None:
+            out: dict[tuple[tuple[str, str], ...], dict[int, float]] = {}
+            for series in self.export(match):
+                labels = tuple(sorted(series["metric"].items()))
+                got = out.setdefault(labels, {})
+                got.update(zip(series["timestamps"], series["values"], strict=True))
+            return out if sum(map(len, out.values())) >= at_least else None
+
+        return wait_until(read, timeout, f"{at_least} points of {match} in VictoriaMetrics", 0.2)  # type: ignore[no-any-return]
 
 
 def env_pid_alive(pid: int) -> bool:

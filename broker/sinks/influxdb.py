@@ -37,8 +37,12 @@ unparsable with nothing parsed) is not cut further. k bad lines among n cost at 
 requests for one batch, or half the sink's ``timeout``, the parts not yet isolated go to the
 dead-letter file whole, marked "not isolated" (their good lines are in InfluxDB already).
 
-The protocol dialect lives in ``_V1Api`` (URLs, parameters, how to create what is missing),
-so the 2.x/3.x API (org, bucket, token) can come in as a sibling without touching the rest.
+The protocol dialect lives in ``_V1Api`` (URLs, parameters, how to create what is missing)
+and its sibling ``_V2Api``: with ``bucket`` (and ``org``, ``token``) set, batches go to the
+InfluxDB 2.x/3.x API ``/api/v2/write?org=…&bucket=…&precision=ns`` with
+``Authorization: Token …``, the same line-protocol bytes and the same answer handling; error
+bodies are then v2's ``{"code": …, "message": …}``. The 2.x API creates nothing (a bucket
+belongs to an org and is made with its retention by the operator): a 404 is an error.
 """
 
 from __future__ import annotations
@@ -136,12 +140,25 @@ class RetentionPolicy(StrictModel):
         return "INF" if self.duration == 0 else f"{round(self.duration)}s"
 
 
+_V1_KEYS = ("database", "retention_policy", "username", "password", "create_database")
+_V2_KEYS = ("org", "bucket", "token")
+
+
 class Config(SinkConfig):
     """``[[sinks.influxdb]]``: keys beyond those every sink has.
 
+    The 1.x keys (``database``, ``retention_policy``, ``username``/``password``,
+    ``create_database``) and the 2.x/3.x keys (``org``, ``bucket``, ``token``) exclude each
+    other: ``bucket`` selects the ``/api/v2/write`` API.
+
     Attributes:
         url: base URL of InfluxDB, e.g. "http://127.0.0.1:8086" (a path prefix is kept).
-        database: the database to write to (created if missing).
+        database: the database to write to (created if missing); 1.x API.
+        bucket: the bucket to write to (2.x/3.x API; it must exist). InfluxDB 3 takes the
+            database name here.
+        org: the bucket's organisation (name or ID) for InfluxDB 2.x; 3.x ignores it.
+        token: an API token with write permission on the bucket (sent as
+            ``Authorization: Token …``).
         retention_policy: a policy to write to, created if missing; ``None`` writes to the
             database's default policy.
         username / password: HTTP basic auth (InfluxDB 1.x with ``auth-enabled``).
@@ -168,7 +185,10 @@ class Config(SinkConfig):
 
     codec: Literal["line_protocol"] = "line_protocol"
     url: str = "http://127.0.0.1:8086"
-    database: str = Field(min_length=1)
+    database: str | None = Field(default=None, min_length=1)
+    org: str | None = Field(default=None, min_length=1)
+    bucket: str | None = Field(default=None, min_length=1)
+    token: SecretStr | None = None
     retention_policy: RetentionPolicy | None = None
     username: str | None = None
     password: SecretStr | None = None
@@ -193,6 +213,32 @@ class Config(SinkConfig):
         except ValueError as e:
             raise ValueError(f"invalid url {v!r}: {e}") from None
         return v.rstrip("/")
+
+    @property
+    def v2(self) -> bool:
+        """Whether batches go to the 2.x/3.x API (``bucket`` is set)."""
+        return self.bucket is not None
+
+    @property
+    def target(self) -> str:
+        """Where batches go, for messages: ``database 'x'`` or ``bucket 'x'``."""
+        return f"bucket {self.bucket!r}" if self.v2 else f"database {self.database!r}"
+
+    @model_validator(mode="after")
+    def _check_api(self) -> Config:
+        v1 = [k for k in _V1_KEYS if k in self.model_fields_set]
+        v2 = [k for k in _V2_KEYS if k in self.model_fields_set]
+        if v1 and v2:
+            raise ValueError(
+                f"{', '.join(v1)} (InfluxDB 1.x API) and {', '.join(v2)} (2.x/3.x API) "
+                "exclude each other: use database (+ retention_policy, username/password) "
+                "for /write, or bucket (+ org, token) for /api/v2/write"
+            )
+        if v2 and self.bucket is None:
+            raise ValueError(f"{', '.join(v2)} set without bucket: the 2.x/3.x API needs bucket")
+        if not v2 and self.database is None:
+            raise ValueError("database is required (or bucket, with org and token, for 2.x/3.x)")
+        return self
 
     @model_validator(mode="after")
     def _check_auth(self) -> Config:
@@ -236,7 +282,8 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _error_message(text: str, limit: int | None = _ERROR_TEXT_LIMIT) -> str:
-    """InfluxDB's ``{"error": "..."}`` text, or the raw body (shortened to ``limit``)."""
+    """InfluxDB's ``{"error": "..."}`` text (1.x, 3.x), the ``message`` of a 2.x
+    ``{"code": "...", "message": "..."}``, or the raw body (shortened to ``limit``)."""
     text = text.strip()
     try:
         doc = json.loads(text)
@@ -244,22 +291,43 @@ def _error_message(text: str, limit: int | None = _ERROR_TEXT_LIMIT) -> str:
         return text[:limit]
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
         return str(doc["error"])[:limit]
+    if isinstance(doc, dict) and isinstance(doc.get("message"), str):
+        code = doc.get("code")
+        message = str(doc["message"])
+        # the code ("invalid", "unauthorized", "not found", ...) says what kind of refusal
+        return (f"{code}: {message}" if isinstance(code, str) and code else message)[:limit]
     return text[:limit]
 
 
 class _V1Api:
     """InfluxDB 1.x: ``/write`` with db/rp/precision, InfluxQL ``/query`` for set-up."""
 
+    creates = True  # can create a missing database (create_database)
+
     def __init__(self, config: Config):
         self.config = config
         self.write_url = f"{config.url}/write"
         self.query_url = f"{config.url}/query"
         self.ping_url = f"{config.url}/ping"
+        assert config.database is not None  # a 1.x config has one
         params = {"db": config.database, "precision": "ns"}
         if config.retention_policy is not None:
             params["rp"] = config.retention_policy.name
         self.write_params = params
         self.create_refused = False  # warned once that the user may not create the database
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers every request carries: HTTP basic auth when username/password are set."""
+        cfg = self.config
+        if cfg.username is None or cfg.password is None:
+            return {}
+        # InfluxDB 1.x takes basic auth on /write and /query alike
+        secret = f"{cfg.username}:{cfg.password.get_secret_value()}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(secret).decode("ascii")}
+
+    def auth_hint(self) -> str:
+        db = self.config.database
+        return f"check username, password and the user's WRITE privilege on {db!r}"
 
     def missing_target(self, status: int, message: str) -> bool:
         """Whether an error says the database or retention policy is gone (re-create it)."""
@@ -300,6 +368,7 @@ class _V1Api:
     async def ensure_target(self, session: aiohttp.ClientSession, name: str) -> None:
         cfg = self.config
         db = cfg.database
+        assert db is not None  # a 1.x config has one
         status, error, _ = await self._query(session, f"CREATE DATABASE {_ident(db)}")
         if status == 401:
             raise MisconfiguredSinkError(
@@ -324,6 +393,7 @@ class _V1Api:
         self, session: aiohttp.ClientSession, rp: RetentionPolicy, name: str
     ) -> None:
         db = self.config.database
+        assert db is not None
         status, error, result = await self._query(
             session, f"SHOW RETENTION POLICIES ON {_ident(db)}", read_only=True
         )
@@ -364,6 +434,47 @@ class _V1Api:
             rp.influxql_duration,
             ", default" if rp.default else "",
         )
+
+
+class _V2Api:
+    """InfluxDB 2.x/3.x (and VictoriaMetrics): ``/api/v2/write`` with org/bucket/precision.
+
+    Nothing is created: a bucket is made by the operator (in 2.x with its org and retention).
+    """
+
+    creates = False
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.write_url = f"{config.url}/api/v2/write"
+        self.ping_url = f"{config.url}/ping"
+        assert config.bucket is not None
+        params = {"bucket": config.bucket, "precision": "ns"}
+        if config.org is not None:
+            params["org"] = config.org
+        self.write_params = params
+
+    def auth_headers(self) -> dict[str, str]:
+        if self.config.token is None:
+            return {}
+        return {"Authorization": "Token " + self.config.token.get_secret_value()}
+
+    def auth_hint(self) -> str:
+        return f"check token and its write permission on {self.config.target}"
+
+    def missing_target(self, status: int, message: str) -> bool:
+        return False
+
+    async def prepare(self, session: aiohttp.ClientSession, name: str) -> None:
+        """Check the server answers ``/ping`` (InfluxDB 2.x, 3.x and VictoriaMetrics do)."""
+        async with session.get(self.ping_url) as r:
+            if r.status not in (200, 204):
+                raise RetryableSinkError(
+                    f"{self.config.url}/ping answered HTTP {r.status}: is this InfluxDB?"
+                )
+
+    async def ensure_target(self, session: aiohttp.ClientSession, name: str) -> None:
+        raise AssertionError("the 2.x API creates nothing")  # missing_target is never true
 
 
 def _rp_rows(result: dict[str, Any]) -> dict[str, tuple[float, bool]]:
@@ -448,7 +559,7 @@ class InfluxDBSink:
     def __init__(self, config: Config, name: str = "influxdb", dead_letter: Path | None = None):
         self.config = config
         self.name = name
-        self._api = _V1Api(config)
+        self._api: _V1Api | _V2Api = _V2Api(config) if config.v2 else _V1Api(config)
         self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "text/plain; charset=utf-8"}
         if config.gzip:
@@ -471,11 +582,7 @@ class InfluxDBSink:
 
     def _new_session(self) -> aiohttp.ClientSession:
         cfg = self.config
-        headers = {}
-        if cfg.username is not None and cfg.password is not None:
-            # InfluxDB 1.x takes basic auth on /write and /query alike
-            secret = f"{cfg.username}:{cfg.password.get_secret_value()}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(secret).decode("ascii")
+        headers = self._api.auth_headers()
         ssl_arg: ssl.SSLContext | bool = ssl_context(cfg.tls) if cfg.tls is not None else True
         connector = aiohttp.TCPConnector(limit=4, ssl=ssl_arg, keepalive_timeout=30)
         # the outlet bounds each write; these only bound the phases of one request
@@ -527,7 +634,7 @@ class InfluxDBSink:
         try:
             status, message, headers = await self._post(session, body)
             if status >= 300 and self._api.missing_target(status, message):
-                if not self.config.create_database:
+                if not (self._api.creates and self.config.create_database):
                     raise self._error(status, message, headers, batch)
                 log.warning(
                     "sink %s: %s; creating it again and writing batch %d once more",
@@ -629,8 +736,11 @@ class InfluxDBSink:
             return PermanentSinkError(f"{what}: {message}")
         if status in (401, 403):
             return MisconfiguredSinkError(
-                f"{what} (authentication/authorization; check username, password and the "
-                f"user's WRITE privilege on {self.config.database!r}): {message}"
+                f"{what} (authentication/authorization; {self._api.auth_hint()}): {message}"
+            )
+        if status == 404 and not self._api.creates:
+            return MisconfiguredSinkError(
+                f"{what}: {message} (create the {self.config.target} in InfluxDB, or check org)"
             )
         if status == 404:
             if not self.config.create_database:
@@ -657,7 +767,10 @@ class InfluxDBSink:
             await session.close()
 
     def __repr__(self) -> str:
-        return f"InfluxDBSink({self.name!r}, {self.config.url!r}, db={self.config.database!r})"
+        where = (
+            f"bucket={self.config.bucket!r}" if self.config.v2 else f"db={self.config.database!r}"
+        )
+        return f"InfluxDBSink({self.name!r}, {self.config.url!r}, {where})"
 
 
 def _describe(error: BaseException) -> str:
