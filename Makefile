@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-quick bench lint check-config clean install
+.PHONY: demo test test-quick bench lint check-config clean install deb
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,7 @@ check-config: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis var
+
+# Debian package with plantbus and its dependencies in /opt/plantbus (works offline).
+deb:
+	./scripts/build-deb.sh
