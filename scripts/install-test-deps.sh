@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages for the real servers the tests start (idempotent; needs root or sudo).
 set -euo pipefail
-PKGS="influxdb victoria-metrics mosquitto rabbitmq-server socat curl"
+PKGS="influxdb victoria-metrics mosquitto rabbitmq-server socat curl python3.11-venv"  # python3.11-venv: make deb (tests/integration/test_deb.py)
 missing=()
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

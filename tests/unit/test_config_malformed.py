@@ -383,16 +383,15 @@ flush_intervall = "1s"
     ),
     (
         "missing required sink key and a value its kind refuses",
+        # influxdb has no required key since 2.x took `bucket` beside `database`: punt's url
         {
-            "conf.d/influx.toml": '[[sinks.influxdb]]\nurl = "ftp://db"\n'
-            'retention_policy = { name = "week", duration = "5m" }\n'
+            "conf.d/punt.toml": '[[sinks.punt]]\nsubscribe = ["plant/in/#"]\n'
+            'result_topic = "plant/out"\nbatch_size = 0\n'
         },
         [
-            "conf.d/influx.toml: sinks.influxdb[0].url: invalid url 'ftp://db': "
-            'use "http://host:port" or "https://host:port"',
-            "conf.d/influx.toml: sinks.influxdb[0].database: missing required key",
-            "conf.d/influx.toml: sinks.influxdb[0].retention_policy.duration: a retention "
-            'duration must be at least "1h" (or "INF" to keep forever)',
+            "conf.d/punt.toml: sinks.punt[0].batch_size: must be greater than or equal to 1, "
+            "not the integer 0",
+            "conf.d/punt.toml: sinks.punt[0].url: missing required key",
         ],
     ),
     (
