@@ -323,7 +323,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup_logging(_log_level(args, config), args.log_format or config.node.log_format)
     log.info("plantbus %s starting (config %s, pid %d)", _version(), args.config, os.getpid())
     runtime = Runtime(config, config_path=args.config, handle_signals=True)
-    return run_runtime(runtime, runtime.run())
+    if not config.api.enabled:
+        return run_runtime(runtime, runtime.run())
+    from plantbus.broker.api import ConsumerApi, serve
+    from plantbus.broker.runtime import BuildError
+
+    try:
+        api = ConsumerApi(config.api, runtime)
+    except BuildError as exc:  # a token file that went away since `check`
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    return run_runtime(runtime, serve(runtime, api))
 
 
 def run_runtime(runtime: Runtime, main: Coroutine[Any, Any, None]) -> int:
