@@ -186,7 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_discover(verbs, common)
     _add_decrypt(verbs)
+    _add_tap(verbs, common)
     return parser
+
+
+def _add_tap(verbs: Any, common: argparse.ArgumentParser) -> None:
+    from plantbus.broker import tap
+
+    p = verbs.add_parser(
+        "tap",
+        parents=[common],
+        help="print the records of a running daemon live",
+        description=(
+            "Subscribe to topic filters on a running daemon's API and print its records as "
+            "they arrive: a table, or JSON lines with --json. Ctrl-C stops it."
+        ),
+    )
+    tap.add_arguments(p)
 
 
 def _add_decrypt(verbs: Any) -> None:
@@ -387,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_discover(args)
     if args.verb == "decrypt":
         return _cmd_decrypt(args)
+    if args.verb == "tap":
+        from plantbus.broker import tap
+
+        return tap.run(args)
     return _cmd_demo(args)
 
 
