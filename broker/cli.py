@@ -186,7 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_discover(verbs, common)
     _add_decrypt(verbs)
+    _add_tap(verbs, common)
     return parser
+
+
+def _add_tap(verbs: Any, common: argparse.ArgumentParser) -> None:
+    from plantbus.broker import tap
+
+    p = verbs.add_parser(
+        "tap",
+        parents=[common],
+        help="print the records of a running daemon live",
+        description=(
+            "Subscribe to topic filters on a running daemon's API and print its records as "
+            "they arrive: a table, or JSON lines with --json. Ctrl-C stops it."
+        ),
+    )
+    tap.add_arguments(p)
 
 
 def _add_decrypt(verbs: Any) -> None:
@@ -323,7 +339,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup_logging(_log_level(args, config), args.log_format or config.node.log_format)
     log.info("plantbus %s starting (config %s, pid %d)", _version(), args.config, os.getpid())
     runtime = Runtime(config, config_path=args.config, handle_signals=True)
-    return run_runtime(runtime, runtime.run())
+    if not config.api.enabled:
+        return run_runtime(runtime, runtime.run())
+    from plantbus.broker.api import ConsumerApi, serve
+    from plantbus.broker.runtime import BuildError
+
+    try:
+        api = ConsumerApi(config.api, runtime)
+    except BuildError as exc:  # a token file that went away since `check`
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    return run_runtime(runtime, serve(runtime, api))
 
 
 def run_runtime(runtime: Runtime, main: Coroutine[Any, Any, None]) -> int:
@@ -377,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_discover(args)
     if args.verb == "decrypt":
         return _cmd_decrypt(args)
+    if args.verb == "tap":
+        from plantbus.broker import tap
+
+        return tap.run(args)
     return _cmd_demo(args)
 
 

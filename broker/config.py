@@ -44,13 +44,15 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from plantbus.broker import registry
-from plantbus.broker.configtypes import Duration, StrictModel
+from plantbus.broker.configtypes import Duration, QueueConfig, Size, StrictModel, TlsConfig
 from plantbus.broker.connector import BuildContext, DeviceConfig
 from plantbus.broker.sinks.base import SinkConfig
 from plantbus.broker.topics import validate_filter, validate_topic
 
 __all__ = [
     "ApiConfig",
+    "ApiQueueConfig",
+    "ApiTokenConfig",
     "ConfigError",
     "DefaultsConfig",
     "DeviceEntry",
@@ -58,8 +60,10 @@ __all__ = [
     "PlantbusConfig",
     "SinkEntry",
     "check_config",
+    "is_loopback_host",
     "load_config",
     "parse_config",
+    "read_token",
 ]
 
 CONF_D = "conf.d"
@@ -116,12 +120,102 @@ class NodeConfig(StrictModel):
 _LISTEN = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
 
 
+CMD_TOPIC_PREFIX = "$cmd/"
+"""Commands to devices travel on ``$cmd/<device topic>`` (``plantbus.broker.commands``)."""
+
+
+class ApiTokenConfig(StrictModel):
+    """``[[api.tokens]]``: a bearer token and the topics its holder may use.
+
+    ``subscribe`` and ``publish`` hold MQTT filters of topics; ``write`` holds filters of
+    *device topics* that commands may be sent to (publishing on ``$cmd/<device topic>``;
+    ``publish`` never covers ``$cmd/…``), which also lets the holder subscribe to the
+    replies on ``$reply/<device topic>``.
+    """
+
+    name: str = ""  # shown in logs and messages instead of the token; default "tokens[<i>]"
+    token: SecretStr | None = None
+    token_file: Path | None = None  # the token is the file's content, surrounding space stripped
+    subscribe: list[str] = Field(default_factory=list)
+    publish: list[str] = Field(default_factory=list)
+    write: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiTokenConfig:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give the token as exactly one of `token` or `token_file`")
+        return self
+
+    @field_validator("subscribe", "publish", "write")
+    @classmethod
+    def _filters(cls, v: list[str]) -> list[str]:
+        for flt in v:
+            validate_filter(flt)
+        return v
+
+    @field_validator("publish")
+    @classmethod
+    def _no_commands(cls, v: list[str]) -> list[str]:
+        for flt in v:
+            if flt.startswith(CMD_TOPIC_PREFIX) or flt == "$cmd":
+                raise ValueError(
+                    f"publish filter {flt!r}: publish never covers command topics; "
+                    "list the device topics in `write` instead"
+                )
+        return v
+
+    @field_validator("write")
+    @classmethod
+    def _device_topics(cls, v: list[str]) -> list[str]:
+        for flt in v:
+            if flt.startswith("$"):
+                raise ValueError(
+                    f"write filter {flt!r}: `write` lists device topics (a command to "
+                    f"'plant/press7' is published on '$cmd/plant/press7'), without '$cmd/'"
+                )
+        return v
+
+
+def read_token(entry: ApiTokenConfig) -> str:
+    """The token of ``entry``: ``token``, or the content of ``token_file`` (stripped).
+
+    Raises:
+        ValueError: the file cannot be read or the token is empty (the message never holds
+            the token).
+    """
+    if entry.token is not None:
+        value = entry.token.get_secret_value().strip()
+    else:
+        assert entry.token_file is not None
+        try:
+            value = entry.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            path = str(entry.token_file)
+            raise ValueError(f"cannot read token_file {path!r}: {reason}") from None
+    if not value:
+        raise ValueError("the token is empty")
+    return value
+
+
+class ApiQueueConfig(QueueConfig):
+    """``[api] queue = { size, policy }``: each WebSocket client's subscription queue."""
+
+    size: int = Field(default=10_000, ge=1)
+    policy: Literal["block", "drop_oldest", "drop_newest"] = "drop_oldest"
+
+
 class ApiConfig(StrictModel):
     """``[api]``: the local API for consumer apps, ``/metrics`` and ``/healthz``."""
 
     enabled: bool = True
     listen: str | None = "127.0.0.1:8470"  # "host:port", "[::1]:8470"; "" to use only `unix`
     unix: Path | None = None  # a Unix socket path, alone or beside `listen`
+    tokens: list[ApiTokenConfig] = Field(default_factory=list)
+    local_commands: bool = False  # without tokens: local clients may publish on $cmd/...
+    queue: ApiQueueConfig = Field(default_factory=ApiQueueConfig)
+    max_request_size: Size = 16 * 1024 * 1024  # a publish body or WebSocket frame at most
+    tls: TlsConfig | None = None  # on `listen`: certificate + private_key (+ ca: client certs)
 
     @field_validator("listen")
     @classmethod
@@ -133,6 +227,13 @@ class ApiConfig(StrictModel):
             raise ValueError(
                 f'invalid listen address {v!r}: use "host:port", e.g. "127.0.0.1:8470"'
             )
+        return v
+
+    @field_validator("max_request_size")
+    @classmethod
+    def _room_for_a_record(cls, v: int) -> int:
+        if v < 1024:
+            raise ValueError("must be at least 1KiB")
         return v
 
     @model_validator(mode="after")
@@ -149,6 +250,23 @@ class ApiConfig(StrictModel):
         m = _LISTEN.match(self.listen)
         assert m is not None  # validated
         return m["host"].strip("[]"), int(m["port"])
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (of ``listen``) only accepts connections from this machine.
+
+    ``localhost`` and loopback addresses (127.0.0.0/8, ::1) do; an empty host or ``0.0.0.0``
+    (every interface), any other address and any other name (which DNS could point anywhere)
+    do not.
+    """
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _partial(
@@ -593,6 +711,8 @@ class _Loader:
 
         if node is not None:
             self._check_tags(main_file, ("node", "tags"), node.tags)
+        if api is not None:
+            self._check_api(main_file, api)
         self._check_devices(devices, node)
         self._check_sinks(sinks)
 
@@ -734,6 +854,78 @@ class _Loader:
         reason = check_name(text, kind)
         if reason is not None:
             self.error(f, parts, f"{what} {text!r} cannot be written in line protocol: it {reason}")
+
+    def _check_api(self, f: _File, api: ApiConfig) -> None:
+        """Tokens readable and distinct, no open listener without them, TLS files loadable."""
+        if not api.enabled:
+            return
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(api.tokens):
+            key = "token" if entry.token is not None else "token_file"
+            try:
+                value = read_token(entry)
+            except ValueError as e:
+                self.error(f, ("api", "tokens", i, key), str(e))
+                continue
+            if value in seen:
+                self.error(
+                    f,
+                    ("api", "tokens", i, key),
+                    f"the same token as api.tokens[{seen[value]}]: each token names one role",
+                )
+            else:
+                seen[value] = i
+        address = api.listen_address
+        if address is not None and not api.tokens and not is_loopback_host(address[0]):
+            self.error(
+                f,
+                ("api", "listen"),
+                f"{api.listen!r} accepts connections from other machines, but no [[api.tokens]] "
+                "are configured: without tokens the API serves loopback and Unix-socket clients "
+                'only (listen on "127.0.0.1:<port>", or add tokens)',
+            )
+        if api.local_commands and api.tokens:
+            self.error(
+                f,
+                ("api", "local_commands"),
+                "applies only without [[api.tokens]]; with tokens, give a token a `write` "
+                "list of the device topics it may command",
+            )
+        if api.tls is not None:
+            self._check_server_tls(f, ("api", "tls"), api.tls, listening=address is not None)
+
+    def _check_server_tls(
+        self, f: _File, parts: tuple[Key, ...], tls: TlsConfig, *, listening: bool
+    ) -> None:
+        import ssl
+
+        if not listening:
+            self.error(f, parts, "TLS applies to `listen`, and the API has none")
+            return
+        missing = [k for k in ("certificate", "private_key") if getattr(tls, k) is None]
+        for k in missing:
+            self.error(f, (*parts, k), "missing required key: a TLS server needs it")
+        if missing:
+            return
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+        except (OSError, ssl.SSLError) as e:
+            self.error(
+                f,
+                (*parts, "certificate"),
+                f"cannot load the certificate {str(tls.certificate)!r} with the private key "
+                f"{str(tls.private_key)!r}: {getattr(e, 'strerror', None) or e}",
+            )
+        if tls.ca is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(tls.ca))
+            except (OSError, ssl.SSLError) as e:
+                self.error(
+                    f,
+                    (*parts, "ca"),
+                    f"cannot load the CA file {str(tls.ca)!r}: {getattr(e, 'strerror', None) or e}",
+                )
 
     def _check_sinks(self, sinks: list[SinkEntry]) -> None:
         first: dict[tuple[str, str], SinkEntry] = {}

@@ -286,6 +286,11 @@ class Runtime:
     # -- settings ----------------------------------------------------------------------------
 
     @property
+    def stopping(self) -> bool:
+        """The drain has begun (or is over): nothing new should be published on the bus."""
+        return self._stopping
+
+    @property
     def shutdown_timeout(self) -> float:
         """Seconds the whole drain may take (``node.shutdown_timeout``, 10 s by default)."""
         return float(self.config.node.shutdown_timeout)

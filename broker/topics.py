@@ -6,7 +6,7 @@ matched by a filter whose first level is a wildcard.
 
 from __future__ import annotations
 
-__all__ = ["matches", "validate_filter", "validate_topic"]
+__all__ = ["covers", "matches", "validate_filter", "validate_topic"]
 
 
 def validate_topic(topic: str) -> None:
@@ -45,3 +45,29 @@ def matches(flt: str, topic: str) -> bool:
         if f != "+" and f != t_levels[i]:
             return False
     return len(f_levels) == len(t_levels)
+
+
+def covers(outer: str, inner: str) -> bool:
+    """True if every topic the filter ``inner`` matches is matched by the filter ``outer``.
+
+    What an access list needs: a client may subscribe to ``inner`` when one of its allowed
+    filters covers it (``plant/#`` covers ``plant/+/press7``; ``plant/+`` does not cover
+    ``plant/#``). As in ``matches``, a wildcard first level never covers ``$`` topics.
+    """
+    if inner.startswith("$") and outer[:1] in ("+", "#"):
+        return False
+    o_levels = outer.split("/")
+    i_levels = inner.split("/")
+    for i, o in enumerate(o_levels):
+        if o == "#":
+            return True
+        if i >= len(i_levels):
+            return False
+        level = i_levels[i]
+        if level == "#":
+            return False  # the rest of a tree, where `outer` asks for more levels
+        if o == "+":
+            continue
+        if level != o:  # a literal covers only itself (not "+")
+            return False
+    return len(o_levels) == len(i_levels)

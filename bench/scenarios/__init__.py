@@ -14,4 +14,5 @@ SCENARIOS = (
     "modbus",
     "opcua",
     "s7",
+    "api",
 )

@@ -311,10 +311,27 @@ def _uncomment(text: str) -> str:
     return "\n".join(re.sub(r"^(\s*)# (?!#)", r"\1", line) for line in text.splitlines())
 
 
+def _write_api_files(folder: Path) -> None:
+    # the [api] sample names a token file and a TLS key pair, which `check` reads
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "integration" / "bridges"))
+    from bridge_servers import make_certs
+
+    certs = make_certs(folder / "certs")
+    (folder / "tls").mkdir()
+    shutil.copy(certs.server_cert, folder / "tls" / "api.pem")
+    shutil.copy(certs.server_key, folder / "tls" / "api.key")
+    (folder / "tokens").mkdir()
+    (folder / "tokens" / "dashboard").write_text("a-token\n")
+
+
 def test_every_commented_setting_in_the_main_config_is_valid_and_documented(
     tmp_path: Path,
 ) -> None:
     raw = (CONFIG / "plantbus.toml").read_text()
+    _write_api_files(tmp_path)
     config = parse_config(_uncomment(raw), tmp_path / "plantbus.toml")
     # [node], [api] and [defaults] show every key as a setting
     for model in (config.node, config.api, config.defaults.devices, config.defaults.sinks):
