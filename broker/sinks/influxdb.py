@@ -203,16 +203,7 @@ class Config(SinkConfig):
     @field_validator("url")
     @classmethod
     def _check_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f'invalid url {v!r}: use "http://host:port" or "https://host:port"')
-        if parts.query or parts.fragment:
-            raise ValueError(f"invalid url {v!r}: no query or fragment, just the base URL")
-        try:
-            _ = parts.port
-        except ValueError as e:
-            raise ValueError(f"invalid url {v!r}: {e}") from None
-        return v.rstrip("/")
+        return check_base_url(v)
 
     @property
     def v2(self) -> bool:
@@ -247,6 +238,20 @@ class Config(SinkConfig):
         if self.tls is not None and not self.url.startswith("https:"):
             raise ValueError("tls is set but the url is not https://")
         return self
+
+
+def check_base_url(v: str) -> str:
+    """A server's base URL: http(s), a host, an optional port and path prefix, no query."""
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f'invalid url {v!r}: use "http://host:port" or "https://host:port"')
+    if parts.query or parts.fragment:
+        raise ValueError(f"invalid url {v!r}: no query or fragment, just the base URL")
+    try:
+        _ = parts.port
+    except ValueError as e:
+        raise ValueError(f"invalid url {v!r}: {e}") from None
+    return v.rstrip("/")
 
 
 def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -324,6 +329,9 @@ class _V1Api:
         # InfluxDB 1.x takes basic auth on /write and /query alike
         secret = f"{cfg.username}:{cfg.password.get_secret_value()}".encode()
         return {"Authorization": "Basic " + base64.b64encode(secret).decode("ascii")}
+
+    def describe(self) -> str:
+        return f"db={self.config.database!r}"
 
     def auth_hint(self) -> str:
         db = self.config.database
@@ -459,6 +467,12 @@ class _V2Api:
             return {}
         return {"Authorization": "Token " + self.config.token.get_secret_value()}
 
+    def not_found_hint(self) -> str:
+        return f"create the {self.config.target} in InfluxDB, or check org"
+
+    def describe(self) -> str:
+        return f"bucket={self.config.bucket!r}"
+
     def auth_hint(self) -> str:
         return f"check token and its write permission on {self.config.target}"
 
@@ -555,11 +569,12 @@ class InfluxDBSink:
     """
 
     codec = "line_protocol"
+    server_name = "InfluxDB"  # who answers, in messages
 
     def __init__(self, config: Config, name: str = "influxdb", dead_letter: Path | None = None):
         self.config = config
         self.name = name
-        self._api: _V1Api | _V2Api = _V2Api(config) if config.v2 else _V1Api(config)
+        self._api = self._make_api(config)
         self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "text/plain; charset=utf-8"}
         if config.gzip:
@@ -570,6 +585,10 @@ class InfluxDBSink:
         path = config.dead_letter or dead_letter or Path("deadletter") / f"{name}.lp"
         self.dead_letter = DeadLetterFile(path, config.dead_letter_max_size, f"sink={name}")
         self.isolate_requests = 0
+
+    def _make_api(self, config: Config) -> Any:
+        """The protocol dialect: URLs, parameters, auth headers, what it can create."""
+        return _V2Api(config) if config.v2 else _V1Api(config)
 
     def metrics(self) -> dict[str, int | float]:
         """The sink's own counters (the outlet adds them to the sink's metrics)."""
@@ -598,7 +617,9 @@ class InfluxDBSink:
         try:
             await self._api.prepare(self._session, self.name)
         except aiohttp.ClientError as e:
-            raise RetryableSinkError(f"cannot reach InfluxDB at {self.config.url}: {e}") from e
+            raise RetryableSinkError(
+                f"cannot reach {self.server_name} at {self.config.url}: {e}"
+            ) from e
 
     async def _compress(self, data: bytes) -> bytes:
         level = self.config.gzip
@@ -699,17 +720,19 @@ class InfluxDBSink:
         refused = found.refused
         if not refused:
             log.info(
-                "sink %s: batch %d (%d bytes) split into parts InfluxDB took (%d requests)",
+                "sink %s: batch %d (%d bytes) split into parts %s took (%d requests)",
                 self.name,
                 batch.seq,
                 len(batch.payload),
+                self.server_name,
                 found.requests,
             )
             return
         kept = self.dead_letter.append(refused, f"batch={batch.seq}")
         where = f"to {self.dead_letter.path}" if kept else "but NOT kept (see the error above)"
         raise PartialWriteError(
-            f"InfluxDB refused {len(refused)} of {len(found.lines)} lines of batch {batch.seq} "
+            f"{self.server_name} refused {len(refused)} of {len(found.lines)} lines of batch "
+            f"{batch.seq} "
             f"(the others are written; {found.requests} more requests); the refused lines "
             f"went {where}; first reason: {refused[0][1][:_ERROR_TEXT_LIMIT]}",
             rejected_records=len(refused),
@@ -730,7 +753,7 @@ class InfluxDBSink:
     def _error(
         self, status: int, message: str, headers: dict[str, str], batch: EncodedBatch
     ) -> Exception:
-        what = f"InfluxDB answered HTTP {status}"
+        what = f"{self.server_name} answered HTTP {status}"
         message = message[:_ERROR_TEXT_LIMIT]
         if status == 400:
             return PermanentSinkError(f"{what}: {message}")
@@ -739,9 +762,7 @@ class InfluxDBSink:
                 f"{what} (authentication/authorization; {self._api.auth_hint()}): {message}"
             )
         if status == 404 and not self._api.creates:
-            return MisconfiguredSinkError(
-                f"{what}: {message} (create the {self.config.target} in InfluxDB, or check org)"
-            )
+            return MisconfiguredSinkError(f"{what}: {message} ({self._api.not_found_hint()})")
         if status == 404:
             if not self.config.create_database:
                 return MisconfiguredSinkError(
@@ -767,10 +788,7 @@ class InfluxDBSink:
             await session.close()
 
     def __repr__(self) -> str:
-        where = (
-            f"bucket={self.config.bucket!r}" if self.config.v2 else f"db={self.config.database!r}"
-        )
-        return f"InfluxDBSink({self.name!r}, {self.config.url!r}, {where})"
+        return f"{type(self).__name__}({self.name!r}, {self.config.url!r}, {self._api.describe()})"
 
 
 def _describe(error: BaseException) -> str:
