@@ -295,7 +295,17 @@ def _error_message(text: str, limit: int | None = _ERROR_TEXT_LIMIT) -> str:
     except ValueError:
         return text[:limit]
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-        return str(doc["error"])[:limit]
+        message = str(doc["error"])
+        data = doc.get("data")
+        if isinstance(data, list):
+            # 3.x lists its refused lines, each with its reason: given as 1.x does, one
+            # "unable to parse 'LINE': REASON" per line, so each dead letter gets its own
+            message += "".join(
+                f"\n{_PARSE_ERROR}{d['original_line']}': {d.get('error_message', '')}"
+                for d in data
+                if isinstance(d, dict) and isinstance(d.get("original_line"), str)
+            )
+        return message[:limit]
     if isinstance(doc, dict) and isinstance(doc.get("message"), str):
         code = doc.get("code")
         message = str(doc["message"])
@@ -308,6 +318,14 @@ class _V1Api:
     """InfluxDB 1.x: ``/write`` with db/rp/precision, InfluxQL ``/query`` for set-up."""
 
     creates = True  # can create a missing database (create_database)
+    refusals = frozenset({400})  # statuses that refuse lines (isolated by bisection)
+
+    @staticmethod
+    def all_refused(message: str, lines: int) -> bool:
+        """Whether a refusal says that none of the part's ``lines`` lines was written:
+        1.x answers a batch it parsed nothing of with "unable to parse" (it writes the good
+        points of any other and says "partial write"), or counts ``dropped=N``."""
+        return message.startswith(_PARSE_ERROR) or _all_dropped(message, lines)
 
     def __init__(self, config: Config):
         self.config = config
@@ -451,6 +469,15 @@ class _V2Api:
     """
 
     creates = False
+    # 2.x answers a partial write (type conflict, beyond retention) with 422
+    refusals = frozenset({400, 422})
+
+    @staticmethod
+    def all_refused(message: str, lines: int) -> bool:
+        """Only ``dropped=N`` says a whole part was refused: 2.x refuses a batch with an
+        unparsable line whole (writing none of its good lines), so that answer is cut
+        further until the good lines are in."""
+        return _all_dropped(message, lines)
 
     def __init__(self, config: Config):
         self.config = config
@@ -525,6 +552,8 @@ def split_lines(payload: bytes) -> list[bytes]:
 def _parse_reasons(message: str) -> dict[bytes, str]:
     """line -> reason from InfluxDB's "unable to parse 'LINE': REASON" list (one per line)."""
     reasons: dict[bytes, str] = {}
+    # what comes before the list: 2.x's code ("invalid: "), 1.x's "partial write: "
+    message = message[max(message.find(_PARSE_ERROR), 0) :]
     for part in message.split("\n" + _PARSE_ERROR):
         part = part.removeprefix(_PARSE_ERROR)
         line, sep, reason = part.rpartition("': ")
@@ -533,10 +562,8 @@ def _parse_reasons(message: str) -> dict[bytes, str]:
     return reasons
 
 
-def _all_refused(message: str, lines: int) -> bool:
-    """Whether a 400 says that none of the part's ``lines`` lines was written."""
-    if message.startswith(_PARSE_ERROR):
-        return True  # unparsable with no point parsed (a partial write says "partial write")
+def _all_dropped(message: str, lines: int) -> bool:
+    """Whether an answer says ``dropped=N`` for all ``lines`` lines of a part."""
     m = _DROPPED.search(message)
     return m is not None and int(m.group(1)) >= lines
 
@@ -666,7 +693,7 @@ class InfluxDBSink:
                 await self._api.ensure_target(session, self.name)
                 self.recreated += 1
                 status, message, headers = await self._post(session, body)
-            if status in (400, 413):
+            if status == 413 or status in self._api.refusals:
                 await self._isolate(session, batch, status, message)
                 return
         except aiohttp.ClientError as e:
@@ -684,6 +711,7 @@ class InfluxDBSink:
         if none is left over the batch counts as written. Any other answer on the way
         raises as for a whole batch (the batch is then sent again from its start).
         """
+        api = self._api
         found = _Isolation(split_lines(batch.payload))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout / 2
@@ -696,13 +724,14 @@ class InfluxDBSink:
                 lo, hi, st, msg, headers = todo.pop()
                 if st in (200, 204):
                     continue
-                if st not in (400, 413):
+                refusal = st in api.refusals
+                if not refusal and st != 413:
                     raise self._error(st, msg, headers, batch)
-                if hi - lo == 1 or (st == 400 and _all_refused(msg, hi - lo)):
+                if hi - lo == 1 or (refusal and api.all_refused(msg, hi - lo)):
                     found.refuse(lo, hi, st, msg)
                     continue
                 over = found.bisect_requests >= ISOLATE_MAX_REQUESTS or loop.time() > deadline
-                if st == 400 and over:
+                if refusal and over:
                     found.refuse(lo, hi, st, msg, "not isolated (budget spent): ")
                     continue
                 mid = (lo + hi) // 2
@@ -711,7 +740,7 @@ class InfluxDBSink:
                     part = b"".join(found.lines[a:b])
                     body = await self._compress(part) if self.config.gzip else part
                     found.requests += 1
-                    if st == 400:
+                    if refusal:
                         found.bisect_requests += 1
                     answers.append((a, b, *await self._post(session, body, limit=None)))
                 todo.extend(reversed(answers))
@@ -755,7 +784,7 @@ class InfluxDBSink:
     ) -> Exception:
         what = f"{self.server_name} answered HTTP {status}"
         message = message[:_ERROR_TEXT_LIMIT]
-        if status == 400:
+        if status in self._api.refusals:
             return PermanentSinkError(f"{what}: {message}")
         if status in (401, 403):
             return MisconfiguredSinkError(

@@ -100,6 +100,14 @@ class _KapacitorApi:
     """Kapacitor: ``/kapacitor/v1/write`` with db/rp/precision, ``/kapacitor/v1/ping``."""
 
     creates = False
+    refusals = frozenset({400})
+
+    @staticmethod
+    def all_refused(message: str, lines: int) -> bool:
+        """Never taken from the answer: Kapacitor refuses a body with one unparsable line
+        whole, in the same words InfluxDB 1.x uses for a body it parsed nothing of, so a
+        refused part is always cut further (down to its single bad lines)."""
+        return False
 
     def __init__(self, config: Config):
         self.config = config
