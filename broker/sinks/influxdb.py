@@ -61,9 +61,18 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from plantbus.broker.configtypes import Size, StrictModel, TlsConfig
+from plantbus.broker.configtypes import Duration, Size, StrictModel, TlsConfig
 from plantbus.broker.connector import BuildContext
 from plantbus.broker.sinks.base import (
     EncodedBatch,
@@ -76,7 +85,15 @@ from plantbus.broker.sinks.base import (
 from plantbus.broker.sinks.deadletter import DeadLetterFile
 from plantbus.broker.units import parse_duration
 
-__all__ = ["Config", "InfluxDBSink", "RetentionPolicy", "build"]
+__all__ = [
+    "CQ_FUNCTIONS",
+    "Config",
+    "Downsample",
+    "InfluxDBSink",
+    "RetentionPolicy",
+    "build",
+    "influxql_duration",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +114,27 @@ all dropped costs no more requests). Rewrites of good lines are idempotent in In
 # A quote elsewhere (in a tag value or field key) is just a character.
 _LINE = re.compile(rb'(?:\\.|[^\\ \n])*(?: (?:\\.|="(?:\\.|[^"\\])*"|[^\n])*)?\n?', re.DOTALL)
 _DROPPED = re.compile(r"dropped=(\d+)\s*$")
+
+CQ_FUNCTIONS = frozenset(
+    {
+        "count",
+        "first",
+        "integral",
+        "last",
+        "max",
+        "mean",
+        "median",
+        "min",
+        "mode",
+        "spread",
+        "stddev",
+        "sum",
+    }
+)
+"""InfluxQL aggregates and selectors that take a field wildcard and no other argument, so
+``downsample`` can apply them to every field (``mean(*)`` gives ``mean_temp``, ...). Each
+verified on InfluxDB 1.6.7; the numeric ones skip string and boolean fields. ``distinct``
+takes no wildcard; ``top``, ``bottom``, ``percentile`` and ``sample`` need an argument."""
 _PARSE_ERROR = "unable to parse '"
 
 
@@ -140,7 +178,120 @@ class RetentionPolicy(StrictModel):
         return "INF" if self.duration == 0 else f"{round(self.duration)}s"
 
 
-_V1_KEYS = ("database", "retention_policy", "username", "password", "create_database")
+_INFLUXQL_UNITS = (
+    (7 * 86400 * 10**9, "w"),
+    (86400 * 10**9, "d"),
+    (3600 * 10**9, "h"),
+    (60 * 10**9, "m"),
+    (10**9, "s"),
+    (10**6, "ms"),
+    (10**3, "u"),
+)
+
+
+def influxql_duration(seconds: float) -> str:
+    """A duration literal as InfluxDB writes it back (its ``FormatDuration``): "1m", "90s".
+
+    The largest unit that divides the duration exactly, so a continuous query plantbus
+    creates reads back the same from ``SHOW CONTINUOUS QUERIES``.
+    """
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    for size, unit in _INFLUXQL_UNITS:
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns}ns"
+
+
+def _key_error(loc: tuple[str | int, ...], value: object, message: str) -> ValidationError:
+    """A validation error at the key path ``loc`` (so ``check`` names the key itself)."""
+    error = PydanticCustomError("value_error", "{error}", {"error": message})
+    return ValidationError.from_exception_data(
+        "config", [InitErrorDetails(type=error, loc=loc, input=value)]
+    )
+
+
+def _cq_function(name: str) -> str:
+    if name not in CQ_FUNCTIONS:
+        known = ", ".join(sorted(CQ_FUNCTIONS))
+        raise ValueError(f"{name!r} is not an InfluxQL aggregate taking a wildcard ({known})")
+    return name
+
+
+class Downsample(StrictModel):
+    """One ``downsample`` entry: a continuous query into a longer retention policy.
+
+    ``{ every = "1m", functions = ["mean", "max"], into = { name = "year", duration =
+    "365d" } }`` becomes ``CREATE CONTINUOUS QUERY plantbus_year_1m ON <db> BEGIN SELECT
+    mean(*), max(*) INTO <db>.year.:MEASUREMENT FROM <db>.<policy>./.*/ GROUP BY time(1m), *
+    END``: every measurement, every field, every series (tags kept), where ``<policy>`` is
+    the sink's ``retention_policy`` (else the database's default policy).
+
+    Attributes:
+        every: the interval aggregated over (at least "1s").
+        functions: InfluxQL aggregates applied to every field (``CQ_FUNCTIONS``).
+        into: the policy the aggregates go to, created if missing.
+        resample_for: recompute the intervals of this last stretch of time on every run
+            (InfluxQL ``RESAMPLE FOR``), so points that arrive late (a buffer replayed after
+            an outage) are aggregated too; at least ``every``. Default: each interval once,
+            just after it ends.
+        name: the continuous query's name (default ``plantbus_<into>_<every>``).
+    """
+
+    every: Duration
+    functions: list[Annotated[str, AfterValidator(_cq_function)]] = Field(min_length=1)
+    into: RetentionPolicy
+    resample_for: Duration | None = None
+    name: str | None = Field(default=None, min_length=1)
+
+    @field_validator("every")
+    @classmethod
+    def _check_every(cls, v: float) -> float:
+        if v < 1.0:
+            raise ValueError('must be at least "1s"')
+        return v
+
+    @field_validator("functions")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names a function twice")
+        return v
+
+    @model_validator(mode="after")
+    def _check_resample(self) -> Downsample:
+        if self.resample_for is not None and self.resample_for < self.every:
+            raise _key_error(("resample_for",), self.resample_for, "must be at least every")
+        return self
+
+    @property
+    def cq_name(self) -> str:
+        return self.name or f"plantbus_{self.into.name}_{influxql_duration(self.every)}"
+
+    def statement(self, database: str, source_policy: str) -> str:
+        """The ``CREATE CONTINUOUS QUERY`` statement reading ``database.source_policy``."""
+        db = _ident(database)
+        functions = ", ".join(f"{f}(*)" for f in self.functions)
+        resample = ""
+        if self.resample_for is not None:
+            resample = f" RESAMPLE FOR {influxql_duration(self.resample_for)}"
+        return (
+            f"CREATE CONTINUOUS QUERY {_ident(self.cq_name)} ON {db}{resample} BEGIN "
+            f"SELECT {functions} INTO {db}.{_ident(self.into.name)}.:MEASUREMENT "
+            f"FROM {db}.{_ident(source_policy)}./.*/ "
+            f"GROUP BY time({influxql_duration(self.every)}), * END"
+        )
+
+
+_V1_KEYS = (
+    "database",
+    "retention_policy",
+    "username",
+    "password",
+    "create_database",
+    "downsample",
+)
 _V2_KEYS = ("org", "bucket", "token")
 
 
@@ -160,7 +311,10 @@ class Config(SinkConfig):
         token: an API token with write permission on the bucket (sent as
             ``Authorization: Token …``).
         retention_policy: a policy to write to, created if missing; ``None`` writes to the
-            database's default policy.
+            database's default policy. An existing policy that differs is reported (an
+            ERROR naming both), never altered.
+        downsample: continuous queries aggregating what is written into longer policies
+            (``Downsample``), created with their policies if missing (1.x API).
         username / password: HTTP basic auth (InfluxDB 1.x with ``auth-enabled``).
         create_database: create the database (and retention policy) at connect and when it
             disappears; ``False`` leaves that to the operator (a 404 is then an error).
@@ -190,6 +344,7 @@ class Config(SinkConfig):
     bucket: str | None = Field(default=None, min_length=1)
     token: SecretStr | None = None
     retention_policy: RetentionPolicy | None = None
+    downsample: list[Downsample] = Field(default_factory=list)
     username: str | None = None
     password: SecretStr | None = None
     create_database: bool = True
@@ -229,6 +384,42 @@ class Config(SinkConfig):
             raise ValueError(f"{', '.join(v2)} set without bucket: the 2.x/3.x API needs bucket")
         if not v2 and self.database is None:
             raise ValueError("database is required (or bucket, with org and token, for 2.x/3.x)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_downsample(self) -> Config:
+        if not self.downsample:
+            return self
+        if not self.create_database:
+            raise _key_error(
+                ("downsample",),
+                "",
+                "needs create_database = true (plantbus creates the continuous queries and "
+                "their policies)",
+            )
+        names: dict[str, int] = {}
+        for i, d in enumerate(self.downsample):
+            if self.retention_policy is not None and d.into.name == self.retention_policy.name:
+                raise _key_error(
+                    ("downsample", i, "into", "name"),
+                    d.into.name,
+                    "must differ from retention_policy.name (the policy it reads from)",
+                )
+            if d.cq_name in names:
+                raise _key_error(
+                    ("downsample", i, "name"),
+                    d.cq_name,
+                    f"continuous query {d.cq_name!r} is also downsample[{names[d.cq_name]}]'s: "
+                    "give one a name",
+                )
+            names[d.cq_name] = i
+            for j, other in enumerate(self.downsample[:i]):
+                if other.into.name == d.into.name and other.into != d.into:
+                    raise _key_error(
+                        ("downsample", i, "into"),
+                        d.into.name,
+                        f"policy {d.into.name!r} is also downsample[{j}].into, differently",
+                    )
         return self
 
     @model_validator(mode="after")
@@ -338,6 +529,9 @@ class _V1Api:
             params["rp"] = config.retention_policy.name
         self.write_params = params
         self.create_refused = False  # warned once that the user may not create the database
+        # what exists in InfluxDB and differs from the config (reported, left alone)
+        self.mismatches: dict[str, str] = {}
+        self._reported: dict[str, str] = {}
 
     def auth_headers(self) -> dict[str, str]:
         """Headers every request carries: HTTP basic auth when username/password are set."""
@@ -412,34 +606,66 @@ class _V1Api:
             self.create_refused = True
         elif status != 200 or error:
             raise RetryableSinkError(f"CREATE DATABASE {db!r} failed (HTTP {status}): {error}")
+        if cfg.retention_policy is None and not cfg.downsample:
+            return
+        result = await self._must(
+            session,
+            f"SHOW RETENTION POLICIES ON {_ident(db)}",
+            f"SHOW RETENTION POLICIES on {db!r}",
+            read_only=True,
+        )
+        policies = _rp_rows(result)
         if cfg.retention_policy is not None:
-            await self._ensure_rp(session, cfg.retention_policy, name)
+            await self._ensure_rp(session, cfg.retention_policy, policies, name)
+        if cfg.downsample:
+            await self._ensure_downsample(session, policies, name)
+
+    async def _must(
+        self, session: aiohttp.ClientSession, q: str, what: str, *, read_only: bool = False
+    ) -> dict[str, Any]:
+        """Run a set-up statement that has to succeed: its result, else raise."""
+        status, error, result = await self._query(session, q, read_only=read_only)
+        if status in (401, 403):
+            # only an operator can fix it: an admin user, or making it by hand
+            raise MisconfiguredSinkError(f"{what} refused (HTTP {status}): {error}")
+        if status != 200 or error:
+            raise RetryableSinkError(f"{what} failed (HTTP {status}): {error}")
+        return result
+
+    def report(self, name: str, key: str, text: str) -> None:
+        """Report what exists on the server and differs from the config: an ERROR, logged
+        once per difference (connect runs again after every failure), and counted."""
+        self.mismatches[key] = text
+        if self._reported.get(key) != text:
+            self._reported[key] = text
+            log.error("sink %s: %s", name, text)
 
     async def _ensure_rp(
-        self, session: aiohttp.ClientSession, rp: RetentionPolicy, name: str
+        self,
+        session: aiohttp.ClientSession,
+        rp: RetentionPolicy,
+        policies: dict[str, tuple[float, bool]],
+        name: str,
     ) -> None:
+        """Create ``rp`` if it is not in ``policies``; report it if it differs there."""
         db = self.config.database
         assert db is not None
-        status, error, result = await self._query(
-            session, f"SHOW RETENTION POLICIES ON {_ident(db)}", read_only=True
-        )
-        if status != 200 or error:
-            raise RetryableSinkError(
-                f"SHOW RETENTION POLICIES on {db!r} failed (HTTP {status}): {error}"
-            )
-        existing = _rp_rows(result)
-        if rp.name in existing:
-            duration, default = existing[rp.name]
-            if duration != rp.duration or (rp.default and not default):
-                log.info(
-                    "sink %s: retention policy %r on %r exists (duration %gs, default %s); "
-                    "left as it is",
+        key = f"retention policy {rp.name}"
+        if rp.name in policies:
+            duration, default = policies[rp.name]
+            # "default" compared only where the config says it (false is not "make it not")
+            wants_default = rp.default if "default" in rp.model_fields_set else default
+            if duration != rp.duration or wants_default != default:
+                self.report(
                     name,
-                    rp.name,
-                    db,
-                    duration,
-                    default,
+                    key,
+                    f"retention policy {rp.name!r} on {db!r} exists as DURATION "
+                    f"{_rp_text(duration)}{' DEFAULT' if default else ''}, the config says "
+                    f"DURATION {_rp_text(rp.duration)}{' DEFAULT' if wants_default else ''}: "
+                    "left as it is (alter it in InfluxDB, or change the config)",
                 )
+            else:
+                self.mismatches.pop(key, None)
             return
         q = (
             f"CREATE RETENTION POLICY {_ident(rp.name)} ON {_ident(db)} "
@@ -447,11 +673,10 @@ class _V1Api:
         )
         if rp.default:
             q += " DEFAULT"
-        status, error, _ = await self._query(session, q)
-        if status != 200 or error:
-            raise RetryableSinkError(
-                f"creating retention policy {rp.name!r} on {db!r} failed (HTTP {status}): {error}"
-            )
+        await self._must(session, q, f"creating retention policy {rp.name!r} on {db!r}")
+        if rp.default:
+            policies.update({k: (d, False) for k, (d, _) in policies.items()})
+        policies[rp.name] = (rp.duration, rp.default)
         log.info(
             "sink %s: created retention policy %r on %r (%s%s)",
             name,
@@ -460,6 +685,75 @@ class _V1Api:
             rp.influxql_duration,
             ", default" if rp.default else "",
         )
+
+    async def _ensure_downsample(
+        self, session: aiohttp.ClientSession, policies: dict[str, tuple[float, bool]], name: str
+    ) -> None:
+        """Create the ``downsample`` policies and continuous queries where missing; report
+        the ones that exist and differ (never dropped or altered)."""
+        cfg = self.config
+        db = cfg.database
+        assert db is not None
+        if cfg.retention_policy is not None:
+            source = cfg.retention_policy.name
+        else:
+            defaults = [p for p, (_, default) in policies.items() if default]
+            if not defaults:
+                self.report(
+                    name,
+                    "downsample",
+                    f"database {db!r} has no default retention policy to downsample from: "
+                    "set retention_policy; no continuous query created",
+                )
+                return
+            source = defaults[0]
+        seen: set[str] = set()
+        for d in cfg.downsample:  # entries may share an into policy (check made them agree)
+            if d.into.name not in seen:
+                seen.add(d.into.name)
+                await self._ensure_rp(session, d.into, policies, name)
+        result = await self._must(session, "SHOW CONTINUOUS QUERIES", "SHOW CONTINUOUS QUERIES")
+        existing = _cq_rows(result, db)
+        for d in cfg.downsample:
+            want = d.statement(db, source)
+            key = f"continuous query {d.cq_name}"
+            have = existing.get(d.cq_name)
+            if have is None:
+                await self._must(session, want, f"creating continuous query {d.cq_name!r}")
+                log.info("sink %s: created continuous query: %s", name, want)
+            elif not _same_statement(have, want):
+                self.report(
+                    name,
+                    key,
+                    f"continuous query {d.cq_name!r} on {db!r} exists as [{have}], the config "
+                    f"makes it [{want}]: left as it is (drop it in InfluxDB to have it made "
+                    "again, or change the config)",
+                )
+            else:
+                self.mismatches.pop(key, None)
+
+
+def _rp_text(seconds: float) -> str:
+    return "INF" if seconds == 0 else influxql_duration(seconds)
+
+
+def _same_statement(a: str, b: str) -> bool:
+    """Whether two InfluxQL statements are the same but for quoting and spacing (InfluxDB
+    writes a continuous query back with identifiers quoted only where needed)."""
+    return " ".join(a.replace('"', "").split()) == " ".join(b.replace('"', "").split())
+
+
+def _cq_rows(result: dict[str, Any], database: str) -> dict[str, str]:
+    """name -> query of ``database``'s continuous queries (SHOW CONTINUOUS QUERIES)."""
+    out: dict[str, str] = {}
+    for series in result.get("series", []):
+        if series.get("name") != database:
+            continue
+        cols = series.get("columns", [])
+        for values in series.get("values", []):
+            row = dict(zip(cols, values, strict=False))
+            out[str(row.get("name"))] = str(row.get("query", ""))
+    return out
 
 
 class _V2Api:
@@ -624,6 +918,7 @@ class InfluxDBSink:
             "dead_letter_dropped": self.dead_letter.dropped,
             "isolate_requests": self.isolate_requests,
             "recreated": self.recreated,
+            "config_mismatches": len(getattr(self._api, "mismatches", ())),
         }
 
     def _new_session(self) -> aiohttp.ClientSession:
