@@ -30,6 +30,7 @@ SINK_KINDS: dict[str, str] = {
     "amqp": "plantbus.broker.sinks.amqp",
     "kafka": "plantbus.broker.sinks.kafka",
     "punt": "plantbus.broker.sinks.punt",
+    "kapacitor": "plantbus.broker.sinks.kapacitor",
 }
 
 

@@ -61,9 +61,18 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from plantbus.broker.configtypes import Size, StrictModel, TlsConfig
+from plantbus.broker.configtypes import Duration, Size, StrictModel, TlsConfig
 from plantbus.broker.connector import BuildContext
 from plantbus.broker.sinks.base import (
     EncodedBatch,
@@ -76,7 +85,15 @@ from plantbus.broker.sinks.base import (
 from plantbus.broker.sinks.deadletter import DeadLetterFile
 from plantbus.broker.units import parse_duration
 
-__all__ = ["Config", "InfluxDBSink", "RetentionPolicy", "build"]
+__all__ = [
+    "CQ_FUNCTIONS",
+    "Config",
+    "Downsample",
+    "InfluxDBSink",
+    "RetentionPolicy",
+    "build",
+    "influxql_duration",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +114,27 @@ all dropped costs no more requests). Rewrites of good lines are idempotent in In
 # A quote elsewhere (in a tag value or field key) is just a character.
 _LINE = re.compile(rb'(?:\\.|[^\\ \n])*(?: (?:\\.|="(?:\\.|[^"\\])*"|[^\n])*)?\n?', re.DOTALL)
 _DROPPED = re.compile(r"dropped=(\d+)\s*$")
+
+CQ_FUNCTIONS = frozenset(
+    {
+        "count",
+        "first",
+        "integral",
+        "last",
+        "max",
+        "mean",
+        "median",
+        "min",
+        "mode",
+        "spread",
+        "stddev",
+        "sum",
+    }
+)
+"""InfluxQL aggregates and selectors that take a field wildcard and no other argument, so
+``downsample`` can apply them to every field (``mean(*)`` gives ``mean_temp``, ...). Each
+verified on InfluxDB 1.6.7; the numeric ones skip string and boolean fields. ``distinct``
+takes no wildcard; ``top``, ``bottom``, ``percentile`` and ``sample`` need an argument."""
 _PARSE_ERROR = "unable to parse '"
 
 
@@ -140,7 +178,120 @@ class RetentionPolicy(StrictModel):
         return "INF" if self.duration == 0 else f"{round(self.duration)}s"
 
 
-_V1_KEYS = ("database", "retention_policy", "username", "password", "create_database")
+_INFLUXQL_UNITS = (
+    (7 * 86400 * 10**9, "w"),
+    (86400 * 10**9, "d"),
+    (3600 * 10**9, "h"),
+    (60 * 10**9, "m"),
+    (10**9, "s"),
+    (10**6, "ms"),
+    (10**3, "u"),
+)
+
+
+def influxql_duration(seconds: float) -> str:
+    """A duration literal as InfluxDB writes it back (its ``FormatDuration``): "1m", "90s".
+
+    The largest unit that divides the duration exactly, so a continuous query plantbus
+    creates reads back the same from ``SHOW CONTINUOUS QUERIES``.
+    """
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    for size, unit in _INFLUXQL_UNITS:
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns}ns"
+
+
+def _key_error(loc: tuple[str | int, ...], value: object, message: str) -> ValidationError:
+    """A validation error at the key path ``loc`` (so ``check`` names the key itself)."""
+    error = PydanticCustomError("value_error", "{error}", {"error": message})
+    return ValidationError.from_exception_data(
+        "config", [InitErrorDetails(type=error, loc=loc, input=value)]
+    )
+
+
+def _cq_function(name: str) -> str:
+    if name not in CQ_FUNCTIONS:
+        known = ", ".join(sorted(CQ_FUNCTIONS))
+        raise ValueError(f"{name!r} is not an InfluxQL aggregate taking a wildcard ({known})")
+    return name
+
+
+class Downsample(StrictModel):
+    """One ``downsample`` entry: a continuous query into a longer retention policy.
+
+    ``{ every = "1m", functions = ["mean", "max"], into = { name = "year", duration =
+    "365d" } }`` becomes ``CREATE CONTINUOUS QUERY plantbus_year_1m ON <db> BEGIN SELECT
+    mean(*), max(*) INTO <db>.year.:MEASUREMENT FROM <db>.<policy>./.*/ GROUP BY time(1m), *
+    END``: every measurement, every field, every series (tags kept), where ``<policy>`` is
+    the sink's ``retention_policy`` (else the database's default policy).
+
+    Attributes:
+        every: the interval aggregated over (at least "1s").
+        functions: InfluxQL aggregates applied to every field (``CQ_FUNCTIONS``).
+        into: the policy the aggregates go to, created if missing.
+        resample_for: recompute the intervals of this last stretch of time on every run
+            (InfluxQL ``RESAMPLE FOR``), so points that arrive late (a buffer replayed after
+            an outage) are aggregated too; at least ``every``. Default: each interval once,
+            just after it ends.
+        name: the continuous query's name (default ``plantbus_<into>_<every>``).
+    """
+
+    every: Duration
+    functions: list[Annotated[str, AfterValidator(_cq_function)]] = Field(min_length=1)
+    into: RetentionPolicy
+    resample_for: Duration | None = None
+    name: str | None = Field(default=None, min_length=1)
+
+    @field_validator("every")
+    @classmethod
+    def _check_every(cls, v: float) -> float:
+        if v < 1.0:
+            raise ValueError('must be at least "1s"')
+        return v
+
+    @field_validator("functions")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names a function twice")
+        return v
+
+    @model_validator(mode="after")
+    def _check_resample(self) -> Downsample:
+        if self.resample_for is not None and self.resample_for < self.every:
+            raise _key_error(("resample_for",), self.resample_for, "must be at least every")
+        return self
+
+    @property
+    def cq_name(self) -> str:
+        return self.name or f"plantbus_{self.into.name}_{influxql_duration(self.every)}"
+
+    def statement(self, database: str, source_policy: str) -> str:
+        """The ``CREATE CONTINUOUS QUERY`` statement reading ``database.source_policy``."""
+        db = _ident(database)
+        functions = ", ".join(f"{f}(*)" for f in self.functions)
+        resample = ""
+        if self.resample_for is not None:
+            resample = f" RESAMPLE FOR {influxql_duration(self.resample_for)}"
+        return (
+            f"CREATE CONTINUOUS QUERY {_ident(self.cq_name)} ON {db}{resample} BEGIN "
+            f"SELECT {functions} INTO {db}.{_ident(self.into.name)}.:MEASUREMENT "
+            f"FROM {db}.{_ident(source_policy)}./.*/ "
+            f"GROUP BY time({influxql_duration(self.every)}), * END"
+        )
+
+
+_V1_KEYS = (
+    "database",
+    "retention_policy",
+    "username",
+    "password",
+    "create_database",
+    "downsample",
+)
 _V2_KEYS = ("org", "bucket", "token")
 
 
@@ -160,7 +311,10 @@ class Config(SinkConfig):
         token: an API token with write permission on the bucket (sent as
             ``Authorization: Token …``).
         retention_policy: a policy to write to, created if missing; ``None`` writes to the
-            database's default policy.
+            database's default policy. An existing policy that differs is reported (an
+            ERROR naming both), never altered.
+        downsample: continuous queries aggregating what is written into longer policies
+            (``Downsample``), created with their policies if missing (1.x API).
         username / password: HTTP basic auth (InfluxDB 1.x with ``auth-enabled``).
         create_database: create the database (and retention policy) at connect and when it
             disappears; ``False`` leaves that to the operator (a 404 is then an error).
@@ -190,6 +344,7 @@ class Config(SinkConfig):
     bucket: str | None = Field(default=None, min_length=1)
     token: SecretStr | None = None
     retention_policy: RetentionPolicy | None = None
+    downsample: list[Downsample] = Field(default_factory=list)
     username: str | None = None
     password: SecretStr | None = None
     create_database: bool = True
@@ -203,16 +358,7 @@ class Config(SinkConfig):
     @field_validator("url")
     @classmethod
     def _check_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f'invalid url {v!r}: use "http://host:port" or "https://host:port"')
-        if parts.query or parts.fragment:
-            raise ValueError(f"invalid url {v!r}: no query or fragment, just the base URL")
-        try:
-            _ = parts.port
-        except ValueError as e:
-            raise ValueError(f"invalid url {v!r}: {e}") from None
-        return v.rstrip("/")
+        return check_base_url(v)
 
     @property
     def v2(self) -> bool:
@@ -241,12 +387,62 @@ class Config(SinkConfig):
         return self
 
     @model_validator(mode="after")
+    def _check_downsample(self) -> Config:
+        if not self.downsample:
+            return self
+        if not self.create_database:
+            raise _key_error(
+                ("downsample",),
+                "",
+                "needs create_database = true (plantbus creates the continuous queries and "
+                "their policies)",
+            )
+        names: dict[str, int] = {}
+        for i, d in enumerate(self.downsample):
+            if self.retention_policy is not None and d.into.name == self.retention_policy.name:
+                raise _key_error(
+                    ("downsample", i, "into", "name"),
+                    d.into.name,
+                    "must differ from retention_policy.name (the policy it reads from)",
+                )
+            if d.cq_name in names:
+                raise _key_error(
+                    ("downsample", i, "name"),
+                    d.cq_name,
+                    f"continuous query {d.cq_name!r} is also downsample[{names[d.cq_name]}]'s: "
+                    "give one a name",
+                )
+            names[d.cq_name] = i
+            for j, other in enumerate(self.downsample[:i]):
+                if other.into.name == d.into.name and other.into != d.into:
+                    raise _key_error(
+                        ("downsample", i, "into"),
+                        d.into.name,
+                        f"policy {d.into.name!r} is also downsample[{j}].into, differently",
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _check_auth(self) -> Config:
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together: set both or neither")
         if self.tls is not None and not self.url.startswith("https:"):
             raise ValueError("tls is set but the url is not https://")
         return self
+
+
+def check_base_url(v: str) -> str:
+    """A server's base URL: http(s), a host, an optional port and path prefix, no query."""
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f'invalid url {v!r}: use "http://host:port" or "https://host:port"')
+    if parts.query or parts.fragment:
+        raise ValueError(f"invalid url {v!r}: no query or fragment, just the base URL")
+    try:
+        _ = parts.port
+    except ValueError as e:
+        raise ValueError(f"invalid url {v!r}: {e}") from None
+    return v.rstrip("/")
 
 
 def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -290,7 +486,17 @@ def _error_message(text: str, limit: int | None = _ERROR_TEXT_LIMIT) -> str:
     except ValueError:
         return text[:limit]
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-        return str(doc["error"])[:limit]
+        message = str(doc["error"])
+        data = doc.get("data")
+        if isinstance(data, list):
+            # 3.x lists its refused lines, each with its reason: given as 1.x does, one
+            # "unable to parse 'LINE': REASON" per line, so each dead letter gets its own
+            message += "".join(
+                f"\n{_PARSE_ERROR}{d['original_line']}': {d.get('error_message', '')}"
+                for d in data
+                if isinstance(d, dict) and isinstance(d.get("original_line"), str)
+            )
+        return message[:limit]
     if isinstance(doc, dict) and isinstance(doc.get("message"), str):
         code = doc.get("code")
         message = str(doc["message"])
@@ -303,6 +509,14 @@ class _V1Api:
     """InfluxDB 1.x: ``/write`` with db/rp/precision, InfluxQL ``/query`` for set-up."""
 
     creates = True  # can create a missing database (create_database)
+    refusals = frozenset({400})  # statuses that refuse lines (isolated by bisection)
+
+    @staticmethod
+    def all_refused(message: str, lines: int) -> bool:
+        """Whether a refusal says that none of the part's ``lines`` lines was written:
+        1.x answers a batch it parsed nothing of with "unable to parse" (it writes the good
+        points of any other and says "partial write"), or counts ``dropped=N``."""
+        return message.startswith(_PARSE_ERROR) or _all_dropped(message, lines)
 
     def __init__(self, config: Config):
         self.config = config
@@ -315,6 +529,9 @@ class _V1Api:
             params["rp"] = config.retention_policy.name
         self.write_params = params
         self.create_refused = False  # warned once that the user may not create the database
+        # what exists in InfluxDB and differs from the config (reported, left alone)
+        self.mismatches: dict[str, str] = {}
+        self._reported: dict[str, str] = {}
 
     def auth_headers(self) -> dict[str, str]:
         """Headers every request carries: HTTP basic auth when username/password are set."""
@@ -324,6 +541,9 @@ class _V1Api:
         # InfluxDB 1.x takes basic auth on /write and /query alike
         secret = f"{cfg.username}:{cfg.password.get_secret_value()}".encode()
         return {"Authorization": "Basic " + base64.b64encode(secret).decode("ascii")}
+
+    def describe(self) -> str:
+        return f"db={self.config.database!r}"
 
     def auth_hint(self) -> str:
         db = self.config.database
@@ -386,34 +606,66 @@ class _V1Api:
             self.create_refused = True
         elif status != 200 or error:
             raise RetryableSinkError(f"CREATE DATABASE {db!r} failed (HTTP {status}): {error}")
+        if cfg.retention_policy is None and not cfg.downsample:
+            return
+        result = await self._must(
+            session,
+            f"SHOW RETENTION POLICIES ON {_ident(db)}",
+            f"SHOW RETENTION POLICIES on {db!r}",
+            read_only=True,
+        )
+        policies = _rp_rows(result)
         if cfg.retention_policy is not None:
-            await self._ensure_rp(session, cfg.retention_policy, name)
+            await self._ensure_rp(session, cfg.retention_policy, policies, name)
+        if cfg.downsample:
+            await self._ensure_downsample(session, policies, name)
+
+    async def _must(
+        self, session: aiohttp.ClientSession, q: str, what: str, *, read_only: bool = False
+    ) -> dict[str, Any]:
+        """Run a set-up statement that has to succeed: its result, else raise."""
+        status, error, result = await self._query(session, q, read_only=read_only)
+        if status in (401, 403):
+            # only an operator can fix it: an admin user, or making it by hand
+            raise MisconfiguredSinkError(f"{what} refused (HTTP {status}): {error}")
+        if status != 200 or error:
+            raise RetryableSinkError(f"{what} failed (HTTP {status}): {error}")
+        return result
+
+    def report(self, name: str, key: str, text: str) -> None:
+        """Report what exists on the server and differs from the config: an ERROR, logged
+        once per difference (connect runs again after every failure), and counted."""
+        self.mismatches[key] = text
+        if self._reported.get(key) != text:
+            self._reported[key] = text
+            log.error("sink %s: %s", name, text)
 
     async def _ensure_rp(
-        self, session: aiohttp.ClientSession, rp: RetentionPolicy, name: str
+        self,
+        session: aiohttp.ClientSession,
+        rp: RetentionPolicy,
+        policies: dict[str, tuple[float, bool]],
+        name: str,
     ) -> None:
+        """Create ``rp`` if it is not in ``policies``; report it if it differs there."""
         db = self.config.database
         assert db is not None
-        status, error, result = await self._query(
-            session, f"SHOW RETENTION POLICIES ON {_ident(db)}", read_only=True
-        )
-        if status != 200 or error:
-            raise RetryableSinkError(
-                f"SHOW RETENTION POLICIES on {db!r} failed (HTTP {status}): {error}"
-            )
-        existing = _rp_rows(result)
-        if rp.name in existing:
-            duration, default = existing[rp.name]
-            if duration != rp.duration or (rp.default and not default):
-                log.info(
-                    "sink %s: retention policy %r on %r exists (duration %gs, default %s); "
-                    "left as it is",
+        key = f"retention policy {rp.name}"
+        if rp.name in policies:
+            duration, default = policies[rp.name]
+            # "default" compared only where the config says it (false is not "make it not")
+            wants_default = rp.default if "default" in rp.model_fields_set else default
+            if duration != rp.duration or wants_default != default:
+                self.report(
                     name,
-                    rp.name,
-                    db,
-                    duration,
-                    default,
+                    key,
+                    f"retention policy {rp.name!r} on {db!r} exists as DURATION "
+                    f"{_rp_text(duration)}{' DEFAULT' if default else ''}, the config says "
+                    f"DURATION {_rp_text(rp.duration)}{' DEFAULT' if wants_default else ''}: "
+                    "left as it is (alter it in InfluxDB, or change the config)",
                 )
+            else:
+                self.mismatches.pop(key, None)
             return
         q = (
             f"CREATE RETENTION POLICY {_ident(rp.name)} ON {_ident(db)} "
@@ -421,11 +673,10 @@ class _V1Api:
         )
         if rp.default:
             q += " DEFAULT"
-        status, error, _ = await self._query(session, q)
-        if status != 200 or error:
-            raise RetryableSinkError(
-                f"creating retention policy {rp.name!r} on {db!r} failed (HTTP {status}): {error}"
-            )
+        await self._must(session, q, f"creating retention policy {rp.name!r} on {db!r}")
+        if rp.default:
+            policies.update({k: (d, False) for k, (d, _) in policies.items()})
+        policies[rp.name] = (rp.duration, rp.default)
         log.info(
             "sink %s: created retention policy %r on %r (%s%s)",
             name,
@@ -435,6 +686,75 @@ class _V1Api:
             ", default" if rp.default else "",
         )
 
+    async def _ensure_downsample(
+        self, session: aiohttp.ClientSession, policies: dict[str, tuple[float, bool]], name: str
+    ) -> None:
+        """Create the ``downsample`` policies and continuous queries where missing; report
+        the ones that exist and differ (never dropped or altered)."""
+        cfg = self.config
+        db = cfg.database
+        assert db is not None
+        if cfg.retention_policy is not None:
+            source = cfg.retention_policy.name
+        else:
+            defaults = [p for p, (_, default) in policies.items() if default]
+            if not defaults:
+                self.report(
+                    name,
+                    "downsample",
+                    f"database {db!r} has no default retention policy to downsample from: "
+                    "set retention_policy; no continuous query created",
+                )
+                return
+            source = defaults[0]
+        seen: set[str] = set()
+        for d in cfg.downsample:  # entries may share an into policy (check made them agree)
+            if d.into.name not in seen:
+                seen.add(d.into.name)
+                await self._ensure_rp(session, d.into, policies, name)
+        result = await self._must(session, "SHOW CONTINUOUS QUERIES", "SHOW CONTINUOUS QUERIES")
+        existing = _cq_rows(result, db)
+        for d in cfg.downsample:
+            want = d.statement(db, source)
+            key = f"continuous query {d.cq_name}"
+            have = existing.get(d.cq_name)
+            if have is None:
+                await self._must(session, want, f"creating continuous query {d.cq_name!r}")
+                log.info("sink %s: created continuous query: %s", name, want)
+            elif not _same_statement(have, want):
+                self.report(
+                    name,
+                    key,
+                    f"continuous query {d.cq_name!r} on {db!r} exists as [{have}], the config "
+                    f"makes it [{want}]: left as it is (drop it in InfluxDB to have it made "
+                    "again, or change the config)",
+                )
+            else:
+                self.mismatches.pop(key, None)
+
+
+def _rp_text(seconds: float) -> str:
+    return "INF" if seconds == 0 else influxql_duration(seconds)
+
+
+def _same_statement(a: str, b: str) -> bool:
+    """Whether two InfluxQL statements are the same but for quoting and spacing (InfluxDB
+    writes a continuous query back with identifiers quoted only where needed)."""
+    return " ".join(a.replace('"', "").split()) == " ".join(b.replace('"', "").split())
+
+
+def _cq_rows(result: dict[str, Any], database: str) -> dict[str, str]:
+    """name -> query of ``database``'s continuous queries (SHOW CONTINUOUS QUERIES)."""
+    out: dict[str, str] = {}
+    for series in result.get("series", []):
+        if series.get("name") != database:
+            continue
+        cols = series.get("columns", [])
+        for values in series.get("values", []):
+            row = dict(zip(cols, values, strict=False))
+            out[str(row.get("name"))] = str(row.get("query", ""))
+    return out
+
 
 class _V2Api:
     """InfluxDB 2.x/3.x (and VictoriaMetrics): ``/api/v2/write`` with org/bucket/precision.
@@ -443,6 +763,15 @@ class _V2Api:
     """
 
     creates = False
+    # 2.x answers a partial write (type conflict, beyond retention) with 422
+    refusals = frozenset({400, 422})
+
+    @staticmethod
+    def all_refused(message: str, lines: int) -> bool:
+        """Only ``dropped=N`` says a whole part was refused: 2.x refuses a batch with an
+        unparsable line whole (writing none of its good lines), so that answer is cut
+        further until the good lines are in."""
+        return _all_dropped(message, lines)
 
     def __init__(self, config: Config):
         self.config = config
@@ -458,6 +787,12 @@ class _V2Api:
         if self.config.token is None:
             return {}
         return {"Authorization": "Token " + self.config.token.get_secret_value()}
+
+    def not_found_hint(self) -> str:
+        return f"create the {self.config.target} in InfluxDB, or check org"
+
+    def describe(self) -> str:
+        return f"bucket={self.config.bucket!r}"
 
     def auth_hint(self) -> str:
         return f"check token and its write permission on {self.config.target}"
@@ -511,6 +846,8 @@ def split_lines(payload: bytes) -> list[bytes]:
 def _parse_reasons(message: str) -> dict[bytes, str]:
     """line -> reason from InfluxDB's "unable to parse 'LINE': REASON" list (one per line)."""
     reasons: dict[bytes, str] = {}
+    # what comes before the list: 2.x's code ("invalid: "), 1.x's "partial write: "
+    message = message[max(message.find(_PARSE_ERROR), 0) :]
     for part in message.split("\n" + _PARSE_ERROR):
         part = part.removeprefix(_PARSE_ERROR)
         line, sep, reason = part.rpartition("': ")
@@ -519,10 +856,8 @@ def _parse_reasons(message: str) -> dict[bytes, str]:
     return reasons
 
 
-def _all_refused(message: str, lines: int) -> bool:
-    """Whether a 400 says that none of the part's ``lines`` lines was written."""
-    if message.startswith(_PARSE_ERROR):
-        return True  # unparsable with no point parsed (a partial write says "partial write")
+def _all_dropped(message: str, lines: int) -> bool:
+    """Whether an answer says ``dropped=N`` for all ``lines`` lines of a part."""
     m = _DROPPED.search(message)
     return m is not None and int(m.group(1)) >= lines
 
@@ -555,11 +890,12 @@ class InfluxDBSink:
     """
 
     codec = "line_protocol"
+    server_name = "InfluxDB"  # who answers, in messages
 
     def __init__(self, config: Config, name: str = "influxdb", dead_letter: Path | None = None):
         self.config = config
         self.name = name
-        self._api: _V1Api | _V2Api = _V2Api(config) if config.v2 else _V1Api(config)
+        self._api = self._make_api(config)
         self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "text/plain; charset=utf-8"}
         if config.gzip:
@@ -571,6 +907,10 @@ class InfluxDBSink:
         self.dead_letter = DeadLetterFile(path, config.dead_letter_max_size, f"sink={name}")
         self.isolate_requests = 0
 
+    def _make_api(self, config: Config) -> Any:
+        """The protocol dialect: URLs, parameters, auth headers, what it can create."""
+        return _V2Api(config) if config.v2 else _V1Api(config)
+
     def metrics(self) -> dict[str, int | float]:
         """The sink's own counters (the outlet adds them to the sink's metrics)."""
         return {
@@ -578,6 +918,7 @@ class InfluxDBSink:
             "dead_letter_dropped": self.dead_letter.dropped,
             "isolate_requests": self.isolate_requests,
             "recreated": self.recreated,
+            "config_mismatches": len(getattr(self._api, "mismatches", ())),
         }
 
     def _new_session(self) -> aiohttp.ClientSession:
@@ -598,7 +939,9 @@ class InfluxDBSink:
         try:
             await self._api.prepare(self._session, self.name)
         except aiohttp.ClientError as e:
-            raise RetryableSinkError(f"cannot reach InfluxDB at {self.config.url}: {e}") from e
+            raise RetryableSinkError(
+                f"cannot reach {self.server_name} at {self.config.url}: {e}"
+            ) from e
 
     async def _compress(self, data: bytes) -> bytes:
         level = self.config.gzip
@@ -645,7 +988,7 @@ class InfluxDBSink:
                 await self._api.ensure_target(session, self.name)
                 self.recreated += 1
                 status, message, headers = await self._post(session, body)
-            if status in (400, 413):
+            if status == 413 or status in self._api.refusals:
                 await self._isolate(session, batch, status, message)
                 return
         except aiohttp.ClientError as e:
@@ -663,6 +1006,7 @@ class InfluxDBSink:
         if none is left over the batch counts as written. Any other answer on the way
         raises as for a whole batch (the batch is then sent again from its start).
         """
+        api = self._api
         found = _Isolation(split_lines(batch.payload))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout / 2
@@ -675,13 +1019,14 @@ class InfluxDBSink:
                 lo, hi, st, msg, headers = todo.pop()
                 if st in (200, 204):
                     continue
-                if st not in (400, 413):
+                refusal = st in api.refusals
+                if not refusal and st != 413:
                     raise self._error(st, msg, headers, batch)
-                if hi - lo == 1 or (st == 400 and _all_refused(msg, hi - lo)):
+                if hi - lo == 1 or (refusal and api.all_refused(msg, hi - lo)):
                     found.refuse(lo, hi, st, msg)
                     continue
                 over = found.bisect_requests >= ISOLATE_MAX_REQUESTS or loop.time() > deadline
-                if st == 400 and over:
+                if refusal and over:
                     found.refuse(lo, hi, st, msg, "not isolated (budget spent): ")
                     continue
                 mid = (lo + hi) // 2
@@ -690,7 +1035,7 @@ class InfluxDBSink:
                     part = b"".join(found.lines[a:b])
                     body = await self._compress(part) if self.config.gzip else part
                     found.requests += 1
-                    if st == 400:
+                    if refusal:
                         found.bisect_requests += 1
                     answers.append((a, b, *await self._post(session, body, limit=None)))
                 todo.extend(reversed(answers))
@@ -699,17 +1044,19 @@ class InfluxDBSink:
         refused = found.refused
         if not refused:
             log.info(
-                "sink %s: batch %d (%d bytes) split into parts InfluxDB took (%d requests)",
+                "sink %s: batch %d (%d bytes) split into parts %s took (%d requests)",
                 self.name,
                 batch.seq,
                 len(batch.payload),
+                self.server_name,
                 found.requests,
             )
             return
         kept = self.dead_letter.append(refused, f"batch={batch.seq}")
         where = f"to {self.dead_letter.path}" if kept else "but NOT kept (see the error above)"
         raise PartialWriteError(
-            f"InfluxDB refused {len(refused)} of {len(found.lines)} lines of batch {batch.seq} "
+            f"{self.server_name} refused {len(refused)} of {len(found.lines)} lines of batch "
+            f"{batch.seq} "
             f"(the others are written; {found.requests} more requests); the refused lines "
             f"went {where}; first reason: {refused[0][1][:_ERROR_TEXT_LIMIT]}",
             rejected_records=len(refused),
@@ -730,18 +1077,16 @@ class InfluxDBSink:
     def _error(
         self, status: int, message: str, headers: dict[str, str], batch: EncodedBatch
     ) -> Exception:
-        what = f"InfluxDB answered HTTP {status}"
+        what = f"{self.server_name} answered HTTP {status}"
         message = message[:_ERROR_TEXT_LIMIT]
-        if status == 400:
+        if status in self._api.refusals:
             return PermanentSinkError(f"{what}: {message}")
         if status in (401, 403):
             return MisconfiguredSinkError(
                 f"{what} (authentication/authorization; {self._api.auth_hint()}): {message}"
             )
         if status == 404 and not self._api.creates:
-            return MisconfiguredSinkError(
-                f"{what}: {message} (create the {self.config.target} in InfluxDB, or check org)"
-            )
+            return MisconfiguredSinkError(f"{what}: {message} ({self._api.not_found_hint()})")
         if status == 404:
             if not self.config.create_database:
                 return MisconfiguredSinkError(
@@ -767,10 +1112,7 @@ class InfluxDBSink:
             await session.close()
 
     def __repr__(self) -> str:
-        where = (
-            f"bucket={self.config.bucket!r}" if self.config.v2 else f"db={self.config.database!r}"
-        )
-        return f"InfluxDBSink({self.name!r}, {self.config.url!r}, {where})"
+        return f"{type(self).__name__}({self.name!r}, {self.config.url!r}, {self._api.describe()})"
 
 
 def _describe(error: BaseException) -> str:
