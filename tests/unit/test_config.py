@@ -336,7 +336,7 @@ def test_every_commented_setting_in_the_main_config_is_valid_and_documented(
     # [node], [api] and [defaults] show every key as a setting
     for model in (config.node, config.api, config.defaults.devices, config.defaults.sinks):
         assert model.model_fields_set == set(type(model).model_fields), type(model).__name__
-    assert {s.kind for s in config.sinks} == {"file", "influxdb", "punt"}
+    assert {s.kind for s in config.sinks} == {"file", "influxdb", "kapacitor", "punt"}
     for s in config.sinks:
         # every key of each sink kind is at least named (set, or explained in a "##" line)
         for key in type(s.config).model_fields:
