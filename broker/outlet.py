@@ -695,6 +695,7 @@ class Outlet:
                 self._recovered(ch, "connect", ch.backoff)
                 log.debug("outlet %s: sink %s connected", self.name, ch.name)
                 return
+            _stop_if_cancelled()
             await asyncio.sleep(ch.backoff.next())
 
     async def _deliver(self, ch: SinkChannel, batch: EncodedBatch, backoff: Backoff) -> None:
@@ -743,6 +744,7 @@ class Outlet:
                         ch.latencies.append(time.time() - id_time_ms(batch.first_id) / 1000)
                 self._recovered(ch, "write", backoff)
                 return
+            _stop_if_cancelled()
             delay = backoff.next()
             if retry_after is not None:
                 # the upstream knows best when it can take more, within the configured cap
@@ -812,3 +814,16 @@ class Outlet:
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _stop_if_cancelled() -> None:
+    """Raise ``CancelledError`` if this task was asked to stop.
+
+    Some drivers turn a cancellation that lands mid-connect into their own error (aiormq
+    during a failing TLS handshake raises ``AMQPConnectionError``), which the retry loops
+    catch like any failure; asyncio does not cancel again, so without this check the
+    outlet would retry forever after ``stop``.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

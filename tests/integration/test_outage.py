@@ -138,7 +138,8 @@ def _runs(influx: InfluxServer) -> dict[str, dict[str, int]]:
         'FROM "counter" GROUP BY "run"',
         DB,
     )
-    return {r["run"]: {k: int(r[k]) for k in ("c", "d", "lo", "hi")} for r in rows}
+    # a group whose points are being written can answer null aggregates for a moment
+    return {r["run"]: {k: int(r[k] or 0) for k in ("c", "d", "lo", "hi")} for r in rows}
 
 
 def _count(influx: InfluxServer, run: str) -> int:
