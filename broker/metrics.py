@@ -11,6 +11,7 @@ does), with the API's access rules: any valid token, or without tokens any local
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -229,10 +230,21 @@ def registry_for(runtime: Runtime, api: ConsumerApi | None = None) -> CollectorR
     return registry
 
 
-def exposition(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+class _Snapshot(Collector):
+    """Metric families collected already, to be formatted off the event loop."""
+
+    def __init__(self, families: list[Metric]):
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def exposition(registry: Collector, accept: str = "") -> tuple[bytes, str]:
     """The exposition of ``registry`` and its content type, for a ``/metrics`` route.
 
     Args:
+        registry: a ``CollectorRegistry`` (``registry_for``) or any collector.
         accept: the scraper's ``Accept`` header: OpenMetrics or the 1.0.0 text format when it
             asks for them (as Prometheus does), else the 0.0.4 text format every scraper reads.
     """
@@ -252,8 +264,12 @@ def add_route(api: ConsumerApi) -> None:
     registry = registry_for(api.runtime, api)
 
     async def handler(request: web.Request) -> web.Response:
-        # a scrape reads counters the components keep: a few ms at most, on the loop
-        body, content_type = exposition(registry, request.headers.get("Accept", ""))
+        # the families are collected on the loop (a consistent snapshot of the counters,
+        # about 6 ms for 500 devices), the text is formatted in a thread: formatting is the
+        # larger part (about 22 ms for 500 devices) and would otherwise stall every device
+        snapshot = _Snapshot(list(registry.collect()))
+        accept = request.headers.get("Accept", "")
+        body, content_type = await asyncio.to_thread(exposition, snapshot, accept)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     api.add_route("GET", METRICS_PATH, handler)
