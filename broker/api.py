@@ -39,6 +39,9 @@ Without tokens, only loopback and Unix-socket clients are served (others get 403
 check`` refuses a non-loopback ``listen`` without tokens), they may use every topic, and
 commands are refused unless ``local_commands = true``.
 
+* ``GET /metrics``: Prometheus metrics, added by ``plantbus run`` through
+  ``plantbus.broker.metrics.add_route`` (``docs/metrics.md``); the access rules below apply.
+
 Adding routes (``/metrics``, a bench's endpoints): call ``add_route`` before ``start``::
 
     api = ConsumerApi(config.api, runtime)

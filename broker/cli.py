@@ -341,6 +341,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     runtime = Runtime(config, config_path=args.config, handle_signals=True)
     if not config.api.enabled:
         return run_runtime(runtime, runtime.run())
+    from plantbus.broker import metrics
     from plantbus.broker.api import ConsumerApi, serve
     from plantbus.broker.runtime import BuildError
 
@@ -349,6 +350,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except BuildError as exc:  # a token file that went away since `check`
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
+    metrics.add_route(api)
     return run_runtime(runtime, serve(runtime, api))
 
 

@@ -18,6 +18,7 @@ whose config changed; everything else keeps running without a gap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -27,6 +28,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from plantbus.broker.backoff import Backoff
 from plantbus.broker.bus import Bus
@@ -45,6 +48,7 @@ __all__ = [
     "DeviceHandle",
     "OutletHandle",
     "Runtime",
+    "changed_keys",
     "new_event_loop",
     "run_async",
     "settle_gc",
@@ -641,14 +645,24 @@ class Runtime:
         """Switch to ``new``: restart only the devices and sink groups whose config changed.
 
         A component whose new config cannot be built is logged and keeps running as before
-        (or stays absent if it is new). Node and API settings need a restart.
+        (or stays absent if it is new). ``[node]`` and ``[api]`` settings need a restart: a
+        change is logged (a WARNING naming the changed keys, never their values) and the
+        running ones stay in ``config``, so later reloads build with them too and report
+        the change again until plantbus is restarted.
         """
         old = self.config
-        if new.node != old.node:
-            log.warning("reload: [node] changed; restart plantbus to apply it")
-        if getattr(new, "api", None) != getattr(old, "api", None):
-            log.warning("reload: [api] changed; restart plantbus to apply it")
-        # node settings stay those of the running process
+        for table in ("node", "api"):
+            keys = changed_keys(getattr(old, table), getattr(new, table), table)
+            if keys:
+                log.warning(
+                    "reload: [%s] changed (%s); restart plantbus to apply it "
+                    "(until then the running [%s] settings stay)",
+                    table,
+                    ", ".join(keys),
+                    table,
+                )
+        if new.node != old.node or new.api != old.api:
+            new = dataclasses.replace(new, node=old.node, api=old.api)
         ctx = old.build_context(publish=self.bus.publish)
         await self._apply_sinks(new, ctx)
         await self._apply_devices(new, ctx)
@@ -850,6 +864,33 @@ class Runtime:
             "devices": {name: d.metrics() for name, d in self.devices.items()},
             "outlets": {name: o.metrics() for name, o in self.outlets.items()},
         }
+
+
+def changed_keys(old: Any, new: Any, path: str) -> list[str]:
+    """The dotted key paths where two config values differ (``api.tokens[1].publish``).
+
+    Models are compared field by field and lists of models (``tokens``) of equal length
+    item by item; anything else that differs is reported at its own path. Only paths are
+    returned, never values (a token or password must not reach the log).
+    """
+    if old == new:
+        return []
+    if isinstance(old, BaseModel) and type(old) is type(new):
+        out: list[str] = []
+        for name in type(old).model_fields:
+            out += changed_keys(getattr(old, name), getattr(new, name), f"{path}.{name}")
+        return out or [path]
+    if (
+        isinstance(old, list)
+        and isinstance(new, list)
+        and len(old) == len(new)
+        and all(isinstance(x, BaseModel) for x in old)
+    ):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += changed_keys(a, b, f"{path}[{i}]")
+        return out or [path]
+    return [path]
 
 
 def _persistent_channel(ch: Any) -> bool:

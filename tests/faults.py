@@ -128,6 +128,12 @@ class FaultProxy:
         """Close the connection of the next ``times`` matching requests without an answer."""
         self.inject(Fault("cut"), times)
 
+    def clear(self) -> int:
+        """Drop the faults still queued (an outage ends); returns how many there were."""
+        n = len(self._faults)
+        self._faults.clear()
+        return n
+
     @property
     def faults_left(self) -> int:
         return len(self._faults)

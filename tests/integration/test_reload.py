@@ -4,17 +4,22 @@ A `counter` device writes into a file sink throughout. Meanwhile another device'
 file changes, a device and a sink are added, both are removed again, `[node]` changes and
 an invalid file is dropped in. The counter's sequence in the file must be unbroken (0..N-1,
 N from the daemon's own `drained:` line), and every step must be reported as it happened.
+A second daemon with its API on shows that `[api]` and `[node]` changes are reported with
+the keys that changed and are not applied: the API keeps answering where it listened.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
-from servers import wait_until
+from servers import free_port, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cli import Daemon, emitted, write_config
@@ -95,7 +100,7 @@ def test_sighup_restarts_only_what_changed_and_refuses_bad_config(tmp_path: Path
         d.wait_log("reload: outlet extra stopped")
         # [node] changes need a restart
         config.write_text(MAIN.replace('name = "edge"', 'name = "edge2"'))
-        reload("reload: [node] changed; restart plantbus to apply it")
+        reload("reload: [node] changed (node.name); restart plantbus to apply it")
         # an invalid file: refused with file and key path, the running config stays
         (conf_d / "bad.toml").write_text(OTHER.format(interval="-5s").replace("other", "bad"))
         reload("reload refused: keeping the running config")
@@ -113,6 +118,93 @@ def test_sighup_restarts_only_what_changed_and_refuses_bad_config(tmp_path: Path
         assert "reload: outlet lp " not in text
         assert "drained: device bad" not in text
         # the counter ran through every reload as one unbroken sequence
+        assert _count_values(out) == list(range(emitted(text, "count")))
+    finally:
+        d.kill()
+
+
+API_MAIN = """
+[node]
+name = "edge"
+state_dir = "state"
+shutdown_timeout = "10s"
+
+[api]
+listen = "127.0.0.1:{port}"
+queue = {{ size = 1000 }}
+
+[[devices.sim]]
+name = "count"
+interval = "10ms"
+points = [{{ name = "n", signal = "counter" }}]
+
+[[sinks.file]]
+name = "lp"
+path = "out/plantbus.lp"
+flush_interval = "50ms"
+"""
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _reads(port: int) -> float:
+    status, body = _get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, body
+    m = re.search(rb'^plantbus_device_reads_total\{device="count"\} (\S+)$', body, re.M)
+    assert m, body
+    return float(m.group(1))
+
+
+def test_sighup_reports_api_and_node_changes_and_keeps_the_running_api(tmp_path: Path) -> None:
+    port, other = free_port(), free_port()
+    config = write_config(tmp_path, API_MAIN.format(port=port))
+    d = Daemon(config, tmp_path)
+    try:
+        d.wait_log("running: 1 device")
+        before = _reads(port)
+        changed = (
+            API_MAIN.format(port=other)
+            .replace("size = 1000", "size = 50")
+            .replace('"10s"', '"3s"')
+            .replace('name = "edge"', 'name = "edge2"')
+        )
+        config.write_text(changed)
+        d.signal(signal.SIGHUP)
+        d.wait_log("reload: [api] changed")
+        lines = [ln for ln in d.text.splitlines() if "reload: [" in ln]
+        assert len(lines) == 2, lines
+        assert lines[0].endswith(
+            "WARNING plantbus.runtime: reload: [node] changed (node.name, "
+            "node.shutdown_timeout); restart plantbus to apply it (until then the running "
+            "[node] settings stay)"
+        ), lines
+        assert lines[1].endswith(
+            "WARNING plantbus.runtime: reload: [api] changed (api.listen, api.queue.size); "
+            "restart plantbus to apply it (until then the running [api] settings stay)"
+        ), lines
+        # the API still answers where it listened, and nothing listens on the new address
+        status, body = _get(f"http://127.0.0.1:{port}/healthz")
+        assert status == 200, body
+        assert json.loads(body)["devices"]["count"]["state"] == "running"
+        with pytest.raises(OSError):
+            _get(f"http://127.0.0.1:{other}/healthz")
+        # the device keeps reading (not restarted: its table did not change)
+        wait_until(lambda: _reads(port) > before + 10, 30, "count keeps reading")
+
+        d.signal(signal.SIGTERM)
+        assert d.wait(timeout=60) == 0, d.text
+        text = d.text
+        assert "reload: device count" not in text
+        assert "reload: outlet lp " not in text
+        # the drain used the running shutdown_timeout, not the reloaded one
+        assert "SIGTERM received: draining (at most 10s)" in text
+        out = tmp_path / "out" / "plantbus.lp"
         assert _count_values(out) == list(range(emitted(text, "count")))
     finally:
         d.kill()

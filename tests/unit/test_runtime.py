@@ -310,6 +310,62 @@ async def test_reload_from_file_keeps_running_on_a_bad_config(
     await rt.shutdown()
 
 
+async def test_reload_reports_node_and_api_changes_and_keeps_the_running_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = config(tmp_path, sim("a", batch=1), memory("m"))
+    rt = Runtime(old)
+    await rt.start()
+    handle = rt.devices["a"]
+    changed = NODE.replace('name = "t"', 'name = "t2"\ntags = { hall = "h1" }').replace(
+        "enabled = false",
+        'enabled = false\nlisten = "127.0.0.1:9999"\nqueue = { size = 5 }\n'
+        '[[api.tokens]]\ntoken = "not-in-the-log"',
+    )
+    # the device changes too: it restarts, built with the running node name
+    new = parse_config(changed + sim("a", batch=2) + memory("m"), tmp_path / "plantbus.toml")
+    await rt.apply(new)
+    text = caplog.text
+    assert (
+        "reload: [node] changed (node.name, node.tags); restart plantbus to apply it "
+        "(until then the running [node] settings stay)" in text
+    )
+    assert (
+        "reload: [api] changed (api.listen, api.tokens, api.queue.size); restart plantbus "
+        "to apply it (until then the running [api] settings stay)" in text
+    )
+    assert "not-in-the-log" not in text
+    assert rt.config.node == old.node and rt.config.api == old.api
+    assert rt.config.devices == new.devices
+    assert rt.devices["a"] is not handle
+    await wait_for(lambda: rt.devices["a"].emitted > 0)
+    assert rt.devices["a"].last.series.topic == "t/a"  # type: ignore[union-attr]
+    assert "hall" not in dict(rt.devices["a"].last.series.tags)  # type: ignore[union-attr]
+
+    # a later reload still says so: the restart is still pending
+    caplog.clear()
+    await rt.apply(new)
+    assert "reload: [node] changed (node.name, node.tags)" in caplog.text
+    assert "reload: device" not in caplog.text
+    await rt.shutdown()
+
+
+def test_changed_keys_names_paths_not_values() -> None:
+    from plantbus.broker.config import ApiConfig, NodeConfig
+    from plantbus.broker.runtime import changed_keys
+
+    a = ApiConfig.model_validate({"tokens": [{"token": "s1", "publish": ["a/#"]}]})
+    b = ApiConfig.model_validate({"tokens": [{"token": "s2", "publish": ["b/#"]}]})
+    assert changed_keys(a, b, "api") == ["api.tokens[0].token", "api.tokens[0].publish"]
+    c = ApiConfig.model_validate({"tokens": [{"token": "s1"}, {"token": "s3"}]})
+    assert changed_keys(a, c, "api") == ["api.tokens"]  # an entry added: the list as a whole
+    assert changed_keys(a, a, "api") == []
+    n = NodeConfig(name="x")
+    assert changed_keys(n, NodeConfig(name="x", shutdown_timeout=3), "node") == [
+        "node.shutdown_timeout"
+    ]
+
+
 async def test_drained_lines_report_emitted_and_delivered(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
