@@ -451,6 +451,44 @@ async def test_stop_gives_up_after_its_timeout_and_counts_what_is_left(caplog):
     assert sink.closed
 
 
+class SwallowingSink(RecordingSink):
+    """A driver that turns a cancellation into its own error (aiormq does this when it is
+    cancelled in a failing TLS handshake): in ``connect``, or in ``write`` once connected."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    async def _fail_slowly(self) -> None:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            raise OSError("connection aborted") from None
+        raise OSError("handshake failed")
+
+    async def connect(self) -> None:
+        self.connects += 1
+        if self.where == "connect":
+            await self._fail_slowly()
+
+    async def write(self, batch: EncodedBatch) -> None:
+        self.attempts.append(time.monotonic())
+        await self._fail_slowly()
+
+
+@pytest.mark.parametrize("where", ["connect", "write"])
+async def test_stop_ends_even_when_the_driver_swallows_the_cancellation(where):
+    bus = Bus()
+    sink = SwallowingSink(where)
+    outlet = Outlet("o", bus, [(config(batch_size=10, retry_max="1ms"), sink)])
+    task = asyncio.create_task(outlet.run())
+    await bus.publish(records(10))
+    await until(lambda: sink.connects >= 3 if where == "connect" else len(sink.attempts) >= 3)
+    await outlet.stop(0.1)
+    await asyncio.wait_for(task, 2.0)  # before the fix: retried forever after stop
+    assert outlet.metrics()["undelivered"] == 10
+
+
 async def test_records_published_before_run_are_not_lost():
     bus = Bus()
     sink = RecordingSink()
