@@ -879,7 +879,7 @@ class _Loader:
                     )
             keys: dict[Path, list[str]] = {}
             for where, path in f.secret_files:
-                keys.setdefault(path, []).append(where)
+                keys.setdefault(Path(os.path.normpath(path)), []).append(where)
             for path, wheres in keys.items():
                 mode = others_may_read(path)
                 if mode is not None:
