@@ -259,13 +259,18 @@ def test_urls_with_credentials_are_refused_without_showing_the_password(tmp_path
         tmp_path / "plantbus.toml",
         HEAD + '[[sinks.amqp]]\nurl = "amqp://bob:amqp-pw-1@127.0.0.1:1/"\nexchange = "x"\n'
         '[[sinks.mqtt]]\nurl = "mqtt://bob:mqtt-pw-2@127.0.0.1:1"\n'
+        '[[sinks.influxdb]]\nurl = "http://bob:influx-pw-4@127.0.0.1:1"\ndatabase = "d"\n'
         '[[devices.opcua]]\nname = "o"\nurl = "opc.tcp://bob:opc-pw-3@127.0.0.1:1"\n'
         'points = [{ name = "a", node = "ns=2;i=1" }]\n',
     )
     rc, output = _check(tmp_path / "plantbus.toml")
     assert rc == 2
     assert "amqp://bob:***@127.0.0.1:1/" in output
-    for secret in ("amqp-pw-1", "mqtt-pw-2", "opc-pw-3"):
+    assert (
+        "sinks.influxdb[0].url: invalid url 'http://bob:***@127.0.0.1:1': credentials go in "
+        in (output)
+    )
+    for secret in ("amqp-pw-1", "mqtt-pw-2", "opc-pw-3", "influx-pw-4"):
         assert secret not in output
 
 
