@@ -84,7 +84,8 @@ class _JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            # exc_text: the traceback as the redacting filter left it (secrets masked)
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)
         line = json.dumps(out, ensure_ascii=False)
         if self._journal:
             return f"<{_JournalFormatter._PRIORITY.get(record.levelno, 6)}>{line}"

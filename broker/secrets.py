@@ -15,6 +15,7 @@ The loader (``plantbus.broker.config``) uses this module in three steps:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -177,11 +178,23 @@ class Redactor:
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
-        """Mask ``value`` from now on (unless it is shorter than ``MIN_REDACTED``)."""
+        """Mask ``value`` from now on (unless it is shorter than ``MIN_REDACTED``).
+
+        Also the forms it takes inside a ``repr`` of it or of its UTF-8 bytes and inside
+        JSON (a library's debug log prints requests as ``Password=b'...'``), where a quote,
+        a backslash or a non-ASCII character would be escaped.
+        """
         if len(value) < MIN_REDACTED or value in self._known:
             return
+        forms = {
+            value,
+            repr(value)[1:-1],
+            repr(value.encode("utf-8"))[2:-1],
+            json.dumps(value)[1:-1],
+            json.dumps(value, ensure_ascii=False)[1:-1],
+        }
         with self._lock:
-            self._known.add(value)
+            self._known.update(forms)
             # longest first, so that a secret containing another is masked whole
             alternatives = sorted(self._known, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(v) for v in alternatives))

@@ -2,9 +2,10 @@
 
 Every secret is a distinct random string, given inline, through ``<key>_file`` and through
 ``${VAR}``, to sinks and devices that connect (MQTT with the right password), that are
-refused (a wrong password against a real Mosquitto with auth and a real RabbitMQ) and that
-find nobody listening (InfluxDB 1.x and 2.x, Kapacitor, Kafka, OPC UA). Once each of them
-has failed (seen in ``/healthz``), the daemon is reloaded (SIGHUP) and stopped; its stderr,
+refused (a wrong password against a real Mosquitto with auth, a real RabbitMQ and a real
+asyncua server with users and message security) and that find nobody listening (InfluxDB
+1.x and 2.x, Kapacitor, Kafka, OPC UA). Once each of them has failed (seen in ``/healthz``
+and the log), the daemon is reloaded (SIGHUP) and stopped; its stderr,
 the ``/healthz`` and ``/metrics`` bodies and the output of ``plantbus check`` must hold none
 of the secrets, nor the base64 of a basic-auth ``user:password``.
 
@@ -33,7 +34,9 @@ import pytest
 from servers import free_port, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bridges"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "opcua"))
 from bridge_servers import MosquittoServer, RabbitServer
+from opcua_harness import UaServer, base_variables, make_cert
 
 from plantbus.broker.config import load_config
 from plantbus.broker.metrics import exposition, registry_for
@@ -43,6 +46,7 @@ pytestmark = pytest.mark.slow
 
 PLANTBUS = [sys.executable, "-m", "plantbus.broker.cli"]
 MQTT_USER = "plant"
+UA_SERVER_URI = "urn:plantbus:test-server"
 
 
 def _secret(what: str) -> str:
@@ -62,7 +66,7 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]
 class Setup:
     """The config folder, the environment and every secret in them."""
 
-    def __init__(self, tmp_path: Path, mqtt_password: str, mosquitto: int, rabbit: int):
+    def __init__(self, tmp_path: Path, mqtt_password: str, mosquitto: int, rabbit: int, ua: UaAuth):
         self.dir = tmp_path
         s = {
             name: _secret(name)
@@ -78,6 +82,7 @@ class Setup:
                 "kafka-file",
                 "mqdev-env",
                 "opcua-inline",
+                "opcua-file",
             )
         }
         s["mq-good-file"] = mqtt_password
@@ -85,7 +90,7 @@ class Setup:
         self.api_port = free_port()
         dead = free_port()  # nobody listens there
         (tmp_path / "secrets").mkdir(parents=True)
-        for name in ("api-file", "influx1-file", "kafka-file", "mq-good-file"):
+        for name in ("api-file", "influx1-file", "kafka-file", "mq-good-file", "opcua-file"):
             path = tmp_path / "secrets" / name
             path.write_text(s[name] + "\n")
             path.chmod(0o644)  # world-readable: `check` warns
@@ -195,10 +200,28 @@ timeout = "500ms"
 reconnect_initial = "100ms"
 reconnect_max = "200ms"
 points = [{{ name = "a", node = "ns=2;i=1" }}]
+
+[[devices.opcua]]
+name = "plc-auth"
+url = "{ua.server.url}"
+username = "operator"
+password_file = "../secrets/opcua-file"
+timeout = "2s"
+reconnect_initial = "100ms"
+reconnect_max = "200ms"
+security.certificate = "{ua.client_cert}"
+security.private_key = "{ua.client_key}"
+security.trust = ["{ua.server_cert}"]
+points = [{{ name = "temp", node = "{ua.server.node("s=Line1.Temp")}" }}]
 """
         )
         other.chmod(0o644)
         self.main = main
+
+    def opcua_refused(self) -> bool:
+        """Whether both OPC UA devices have failed to connect (each logs it once a try)."""
+        text = (self.dir / "plantbus.log").read_text()
+        return all(f"opcua {name}: cannot connect" in text for name in ("plc", "plc-auth"))
 
     def leaks(self, text: str) -> list[str]:
         """The secrets (or a basic-auth header of one) that ``text`` holds."""
@@ -235,15 +258,39 @@ def _all_failed(health: dict[str, Any]) -> bool:
     )
 
 
+class UaAuth:
+    """An asyncua server that takes user ``operator`` with its own password, over security."""
+
+    def __init__(self, folder: Path):
+        self.server_cert, server_key, _, _ = make_cert(folder / "server", "ua", UA_SERVER_URI)
+        self.client_cert, self.client_key, _, _ = make_cert(
+            folder / "client", "edge", "urn:edge:plantbus"
+        )
+        spec = {
+            "variables": base_variables(),
+            "security": {
+                "certificate": str(self.server_cert),
+                "private_key": str(server_key),
+                "application_uri": UA_SERVER_URI,
+                "policies": ["Basic256Sha256_SignAndEncrypt"],
+                "users": {"operator": _secret("opcua-right")},
+            },
+        }
+        self.server = UaServer(spec, folder)
+
+
 def test_no_secret_in_logs_check_healthz_or_metrics(tmp_path: Path, rabbitmq: RabbitServer) -> None:
     mqtt_password = _secret("mq-good-file")
     mosquitto = MosquittoServer(tmp_path / "mosquitto", users={MQTT_USER: mqtt_password})
+    ua = UaAuth(tmp_path / "ua")
     mosquitto.start()
     try:
-        setup = Setup(tmp_path / "node", mqtt_password, mosquitto.port, rabbitmq.port)
+        ua.server.start()
+        setup = Setup(tmp_path / "node", mqtt_password, mosquitto.port, rabbitmq.port, ua)
         _run_daemon(setup)
         _scrape_in_process(setup)
     finally:
+        ua.server.stop()
         mosquitto.stop()
 
 
@@ -288,7 +335,7 @@ def _run_daemon(setup: Setup) -> None:
             except OSError:
                 return False
             health = json.loads(body)
-            return status in (200, 503) and _all_failed(health)
+            return status in (200, 503) and _all_failed(health) and setup.opcua_refused()
 
         try:
             wait_until(failed_everywhere, 60, "every failing sink and device to have failed")

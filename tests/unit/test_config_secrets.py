@@ -4,15 +4,17 @@ and that no secret is ever shown (messages, ``check`` output, repr, logs)."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import secrets as random_secrets
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from plantbus.broker.cli import main
+from plantbus.broker.cli import main, setup_logging
 from plantbus.broker.config import ConfigError, load_config, read_token
 from plantbus.broker.secrets import RedactingFilter, redact_url, register
 
@@ -302,3 +304,40 @@ def test_redact_url_keeps_the_rest() -> None:
     assert redact_url("x amqps://a:b@h/v?q=1 and http://h:80/p") == (
         "x amqps://a:***@h/v?q=1 and http://h:80/p"
     )
+
+
+def test_escaped_forms_of_a_secret_are_masked_too() -> None:
+    tail = random_secrets.token_hex(4)
+    value = 'pä"ss\\wörd-' + tail
+    register(value)
+    record = logging.LogRecord("asyncua", logging.DEBUG, __file__, 1, "%s", None, None)
+    for shown in (
+        f"Password={value.encode()!r}",  # a bytes repr: escaped, non-ASCII as \xc3\xa4
+        f"password={value!r}",
+        f'{{"password": {json.dumps(value)}}}',
+    ):
+        record.msg, record.args = "Sending: %s", (shown,)
+        RedactingFilter().filter(record)
+        assert record.getMessage().startswith("Sending: ") and "***" in record.getMessage()
+        assert tail not in record.getMessage(), record.getMessage()
+
+
+def test_json_log_lines_mask_secrets_in_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    value = _secret()
+    register(value)
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        setup_logging("debug", "json")
+        try:
+            raise ConnectionError(f"login {value} refused")
+        except ConnectionError:
+            logging.getLogger("plantbus.test").debug("failed: %s", value, exc_info=True)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    line = json.loads(stream.getvalue().splitlines()[-1])
+    assert line["msg"] == "failed: ***"
+    assert "login *** refused" in line["exc"] and value not in stream.getvalue()
