@@ -563,6 +563,7 @@ class _Loader:
         self._modules: dict[tuple[str, str], type[BaseModel] | None] = {}
         # the secrets of this load, masked in its messages (and, through `register`, in logs)
         self.redactor = Redactor()
+        self._shapes: dict[tuple[Any, ...], tuple[frozenset[str], frozenset[str]]] = {}
 
     def _secret(self, value: str) -> str:
         self.redactor.add(value)
@@ -781,20 +782,9 @@ class _Loader:
             return [self._walk_secrets(model, (*rel, i), v, f, prefix) for i, v in enumerate(node)]
         if not isinstance(node, dict):
             return node
-        models = [
-            a
-            for a in _annotations_at(model, rel)
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if not models:
+        fields, secrets = self._secret_fields(model, rel)
+        if not fields:
             return node
-        fields = {name for m in models for name in m.model_fields}
-        secrets = {
-            name
-            for m in models
-            for name, info in m.model_fields.items()
-            if any(a in (SecretStr, SecretBytes) for a in _expand([info.annotation]))
-        }
         out: dict[str, Any] = {}
         for key, value in node.items():
             parts = (*prefix, *rel, key)
@@ -809,6 +799,31 @@ class _Loader:
             else:
                 out[key] = self._walk_secrets(model, (*rel, key), value, f, prefix)
         return out
+
+    def _secret_fields(
+        self, model: type[BaseModel], rel: tuple[Key, ...]
+    ) -> tuple[frozenset[str], frozenset[str]]:
+        """(every key, the secret keys) of the tables that may stand at ``rel`` in ``model``.
+
+        Cached by shape (array indexes left out): a device's thousand points are one lookup.
+        """
+        shape = (model, tuple(None if isinstance(p, int) else p for p in rel))
+        cached = self._shapes.get(shape)
+        if cached is None:
+            models = [
+                a
+                for a in _annotations_at(model, rel)
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ]
+            fields = frozenset(name for m in models for name in m.model_fields)
+            secrets = frozenset(
+                name
+                for m in models
+                for name, info in m.model_fields.items()
+                if any(a in (SecretStr, SecretBytes) for a in _expand([info.annotation]))
+            )
+            cached = self._shapes[shape] = (fields, secrets)
+        return cached
 
     def _secret_file(
         self,
