@@ -341,3 +341,20 @@ def test_json_log_lines_mask_secrets_in_tracebacks(monkeypatch: pytest.MonkeyPat
     line = json.loads(stream.getvalue().splitlines()[-1])
     assert line["msg"] == "failed: ***"
     assert "login *** refused" in line["exc"] and value not in stream.getvalue()
+
+
+def test_a_changed_secret_file_changes_the_entry_for_reload(tmp_path: Path) -> None:
+    # a reload (SIGHUP) reads the files again: a rotated password restarts the sink only
+    _write(tmp_path / "pw", "first-password\n")
+    _write(
+        tmp_path / "plantbus.toml",
+        HEAD + '[[sinks.influxdb]]\nurl = "http://127.0.0.1:1"\ndatabase = "d"\n'
+        'username = "u"\npassword_file = "pw"\n[[sinks.file]]\npath = "out"\n',
+    )
+    before = load_config(tmp_path / "plantbus.toml")
+    _write(tmp_path / "pw", "second-password\n")
+    after = load_config(tmp_path / "plantbus.toml")
+    assert before.sinks[0] != after.sinks[0]
+    assert before.sinks[1] == after.sinks[1]
+    # the digest that logs may show tells nothing about the secret
+    assert before.sinks[0].config_hash == after.sinks[0].config_hash
