@@ -82,6 +82,7 @@ from plantbus.broker.configtypes import TlsConfig
 from plantbus.broker.ids import new_ids
 from plantbus.broker.record import Record
 from plantbus.broker.runtime import BuildError, Runtime
+from plantbus.broker.secrets import redact_data
 from plantbus.broker.supervisor import Phase
 from plantbus.broker.topics import covers, matches, validate_filter
 from plantbus.codecs import json as json_codec
@@ -762,7 +763,8 @@ class ConsumerApi:
             "sinks": sinks,
             "api": {"clients": len(self._clients)},
         }
-        return (200 if state in ("ok", "degraded") else 503), body
+        # a last_error is a library's exception text, which may quote a URL or a credential
+        return (200 if state in ("ok", "degraded") else 503), redact_data(body)
 
     async def _health(self, request: web.Request) -> web.Response:
         status, body = self.health()

@@ -84,7 +84,8 @@ class _JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            # exc_text: the traceback as the redacting filter left it (secrets masked)
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)
         line = json.dumps(out, ensure_ascii=False)
         if self._journal:
             return f"<{_JournalFormatter._PRIORITY.get(record.levelno, 6)}>{line}"
@@ -110,12 +111,18 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    from plantbus.broker.secrets import RedactingFilter
+
+    # whatever a library logs passes the filter: no password, token or URL password is written
+    handler.addFilter(RedactingFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _print_config_errors(messages: Sequence[str]) -> None:
+    from plantbus.broker.secrets import redact
+
     for message in messages:
-        print(message, file=sys.stderr)
+        print(redact(message), file=sys.stderr)
     n = len(messages)
     print(f"config invalid: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
 
@@ -314,6 +321,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # check_config and load_config agree; this is a safety net
         _print_config_errors(exc.messages)
         return EXIT_USAGE
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     devices = len(config.devices)
     sinks = len(config.sinks)
     print(
@@ -338,6 +347,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     setup_logging(_log_level(args, config), args.log_format or config.node.log_format)
     log.info("plantbus %s starting (config %s, pid %d)", _version(), args.config, os.getpid())
+    for warning in config.warnings:
+        log.warning("%s", warning)
     runtime = Runtime(config, config_path=args.config, handle_signals=True)
     if not config.api.enabled:
         return run_runtime(runtime, runtime.run())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import socket
 import tomllib
@@ -46,6 +47,13 @@ from pydantic_core import ErrorDetails
 from plantbus.broker import registry
 from plantbus.broker.configtypes import Duration, QueueConfig, Size, StrictModel, TlsConfig
 from plantbus.broker.connector import BuildContext, DeviceConfig
+from plantbus.broker.secrets import (
+    Redactor,
+    expand_env,
+    others_may_read,
+    read_secret_file,
+    register,
+)
 from plantbus.broker.sinks.base import SinkConfig
 from plantbus.broker.topics import validate_filter, validate_topic
 
@@ -134,16 +142,15 @@ class ApiTokenConfig(StrictModel):
     """
 
     name: str = ""  # shown in logs and messages instead of the token; default "tokens[<i>]"
-    token: SecretStr | None = None
-    token_file: Path | None = None  # the token is the file's content, surrounding space stripped
+    token: SecretStr | None = None  # or token_file, or "${VAR}" (as every secret key)
     subscribe: list[str] = Field(default_factory=list)
     publish: list[str] = Field(default_factory=list)
     write: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _one_source(self) -> ApiTokenConfig:
-        if (self.token is None) == (self.token_file is None):
-            raise ValueError("give the token as exactly one of `token` or `token_file`")
+    def _given(self) -> ApiTokenConfig:
+        if self.token is None:
+            raise ValueError("give the token as `token` or `token_file`")
         return self
 
     @field_validator("subscribe", "publish", "write")
@@ -177,22 +184,12 @@ class ApiTokenConfig(StrictModel):
 
 
 def read_token(entry: ApiTokenConfig) -> str:
-    """The token of ``entry``: ``token``, or the content of ``token_file`` (stripped).
+    """The token of ``entry`` (from ``token``, ``token_file`` or the environment), stripped.
 
     Raises:
-        ValueError: the file cannot be read or the token is empty (the message never holds
-            the token).
+        ValueError: the token is empty (the message never holds the token).
     """
-    if entry.token is not None:
-        value = entry.token.get_secret_value().strip()
-    else:
-        assert entry.token_file is not None
-        try:
-            value = entry.token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            path = str(entry.token_file)
-            raise ValueError(f"cannot read token_file {path!r}: {reason}") from None
+    value = entry.token.get_secret_value().strip() if entry.token is not None else ""
     if not value:
         raise ValueError("the token is empty")
     return value
@@ -398,6 +395,8 @@ class PlantbusConfig:
         files: every file read, main file first, then conf.d in name order.
         node, api, defaults: the main file's tables.
         devices / sinks: in file order, then in order within each file.
+        warnings: ``file: WARNING: ...`` lines about a valid config (a file holding secrets
+            that other users may read), for ``plantbus check`` and the log of ``run``.
     """
 
     path: Path
@@ -407,6 +406,7 @@ class PlantbusConfig:
     defaults: DefaultsConfig
     devices: list[DeviceEntry]
     sinks: list[SinkEntry]
+    warnings: list[str] = field(default_factory=list)
 
     def build_context(self, **extra: Any) -> BuildContext:
         """The node's BuildContext for ``build(config, ctx)`` of devices and sinks."""
@@ -539,6 +539,14 @@ class _File:
     path: Path
     shown: str
     order: int
+    # key paths whose whole value is ${VAR} references (a secret there is not in the file)
+    from_env: set[tuple[Key, ...]] = field(default_factory=set)
+    # key paths of the secrets written in the file itself
+    inline: list[str] = field(default_factory=list)
+    # (key path, file) of every file a secret was read from (<key>_file, private keys)
+    secret_files: list[tuple[str, Path]] = field(default_factory=list)
+    # secret key path -> the `<key>_file` key it was read from, for messages
+    read_from: dict[tuple[Key, ...], str] = field(default_factory=dict)
 
 
 class _Loader:
@@ -553,6 +561,14 @@ class _Loader:
         # (file, "devices"/"sinks", kind, index within the file's array, raw table)
         self.raw_entries: list[tuple[_File, str, str, int, Any]] = []
         self._modules: dict[tuple[str, str], type[BaseModel] | None] = {}
+        # the secrets of this load, masked in its messages (and, through `register`, in logs)
+        self.redactor = Redactor()
+        self._shapes: dict[tuple[Any, ...], tuple[frozenset[str], frozenset[str]]] = {}
+
+    def _secret(self, value: str) -> str:
+        self.redactor.add(value)
+        register(value)
+        return value
 
     # reading
 
@@ -567,6 +583,7 @@ class _Loader:
 
     def error(self, f: _File, parts: Sequence[Key], msg: str) -> None:
         where = _keypath(parts)
+        msg = self.redactor.redact(msg)  # a value echoed in a message may be (or hold) a secret
         self.errors.append(
             (f.order, f"{f.shown}: {where}: {msg}" if where else f"{f.shown}: {msg}")
         )
@@ -627,6 +644,9 @@ class _Loader:
             else:
                 self.error(f, (), f"TOML syntax error: {e}")
             return
+        doc = expand_env(
+            doc, (), os.environ, lambda parts, msg: self.error(f, parts, msg), f.from_env
+        )
         is_main = f.path == self.main
         allowed = (*_MAIN_ONLY, *_ANY_FILE) if is_main else _ANY_FILE
         for key, value in doc.items():
@@ -695,6 +715,7 @@ class _Loader:
             if model is None:
                 continue
             base_defaults = defaults.devices if section == "devices" else defaults.sinks
+            raw = self._secrets(model, raw, f, prefix)
             data, from_defaults = _with_defaults(raw, base_defaults)
             config = self._validate(model, data, f, prefix, from_defaults)
             if config is None:
@@ -715,6 +736,12 @@ class _Loader:
             self._check_api(main_file, api)
         self._check_devices(devices, node)
         self._check_sinks(sinks)
+        for d in devices:
+            self._note_secret_paths(self._file_of(d), ("devices", d.kind, d.index), d.config)
+        for s in sinks:
+            self._note_secret_paths(self._file_of(s), ("sinks", s.kind, s.index), s.config)
+        if api is not None:
+            self._note_secret_paths(main_file, ("api",), api)
 
         if self.errors:
             # group by file, in reading order; within a file, in the order found
@@ -728,11 +755,155 @@ class _Loader:
             defaults=defaults,
             devices=devices,
             sinks=sinks,
+            warnings=self._warnings(),
         )
 
     def _main_table(self, model: type[BaseModel], key: str) -> Any:
-        config = self._validate(model, self.main_tables.get(key, {}), self.files[0], (key,))
+        raw = self._secrets(model, self.main_tables.get(key, {}), self.files[0], (key,))
+        config = self._validate(model, raw, self.files[0], (key,))
         return None if config is None else _resolve_paths(config, self.base)
+
+    # secrets
+
+    def _secrets(self, model: type[BaseModel], raw: Any, f: _File, prefix: tuple[Key, ...]) -> Any:
+        """``raw`` with every ``<key>_file`` of a secret key replaced by ``<key>`` = its content.
+
+        Secret keys are the fields typed ``SecretStr`` of the model at each level (found
+        from the model, so a new connector's ``password`` field takes ``password_file`` with
+        no code of its own). Each secret value is registered for redaction, and where it
+        came from is noted for the permission warnings.
+        """
+        return self._walk_secrets(model, (), raw, f, prefix)
+
+    def _walk_secrets(
+        self, model: type[BaseModel], rel: tuple[Key, ...], node: Any, f: _File, prefix: tuple
+    ) -> Any:
+        if isinstance(node, list):
+            return [self._walk_secrets(model, (*rel, i), v, f, prefix) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        fields, secrets = self._secret_fields(model, rel)
+        if not fields:
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            parts = (*prefix, *rel, key)
+            stem = key.removesuffix("_file")
+            if stem != key and stem in secrets and key not in fields:
+                self._secret_file(f, parts, node, key, value, out)
+            elif key in secrets and isinstance(value, str):
+                self._secret(value)
+                if parts not in f.from_env:
+                    f.inline.append(_keypath(parts))
+                out.setdefault(key, value)
+            else:
+                out[key] = self._walk_secrets(model, (*rel, key), value, f, prefix)
+        return out
+
+    def _secret_fields(
+        self, model: type[BaseModel], rel: tuple[Key, ...]
+    ) -> tuple[frozenset[str], frozenset[str]]:
+        """(every key, the secret keys) of the tables that may stand at ``rel`` in ``model``.
+
+        Cached by shape (array indexes left out): a device's thousand points are one lookup.
+        """
+        shape = (model, tuple(None if isinstance(p, int) else p for p in rel))
+        cached = self._shapes.get(shape)
+        if cached is None:
+            models = [
+                a
+                for a in _annotations_at(model, rel)
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ]
+            fields = frozenset(name for m in models for name in m.model_fields)
+            secrets = frozenset(
+                name
+                for m in models
+                for name, info in m.model_fields.items()
+                if any(a in (SecretStr, SecretBytes) for a in _expand([info.annotation]))
+            )
+            cached = self._shapes[shape] = (fields, secrets)
+        return cached
+
+    def _secret_file(
+        self,
+        f: _File,
+        parts: tuple[Key, ...],
+        node: Mapping[str, Any],
+        key: str,
+        value: Any,
+        out: dict[str, Any],
+    ) -> None:
+        """Read ``<stem>_file`` (at ``parts``) into ``out[stem]``, or report why it cannot be."""
+        stem = key.removesuffix("_file")
+        stem_parts = (*parts[:-1], stem)
+        # an unreadable file is reported once; the key still gets a value so that the table's
+        # other rules (a password needs a username) are checked, and the error stops the load
+        unreadable = "\x00unreadable"
+        if stem in node:
+            source = " (it comes from the environment)" if stem_parts in f.from_env else ""
+            self.error(f, stem_parts, f"give `{stem}` or `{key}`, never both{source}")
+            return
+        if not isinstance(value, str) or not value:
+            got = "an empty string" if value == "" else _describe(value)
+            self.error(f, parts, f"must be the path of a file holding the {stem}, not {got}")
+            out[stem] = unreadable
+            return
+        path = Path(value)
+        if not path.is_absolute():
+            path = f.path.parent / path
+        try:
+            out[stem] = self._secret(read_secret_file(path))
+        except ValueError as e:
+            self.error(f, parts, str(e))
+            out[stem] = unreadable
+            return
+        f.secret_files.append((_keypath(parts), path))
+        f.read_from[stem_parts] = key
+
+    def _note_secret_paths(self, f: _File, parts: tuple[Key, ...], value: Any) -> None:
+        """Note the files named by keys that hold key material (``private_key``, ``key_files``).
+
+        Models list such fields in a ``secret_paths`` class attribute.
+        """
+        if isinstance(value, BaseModel):
+            for name in getattr(value, "secret_paths", ()):
+                paths = getattr(value, name, None)
+                if isinstance(paths, PurePath):
+                    f.secret_files.append((_keypath((*parts, name)), Path(paths)))
+                elif isinstance(paths, list | tuple):
+                    for i, p in enumerate(paths):
+                        f.secret_files.append((_keypath((*parts, name, i)), Path(p)))
+            for name in type(value).model_fields:
+                self._note_secret_paths(f, (*parts, name), getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                self._note_secret_paths(f, (*parts, i), v)
+
+    def _warnings(self) -> list[str]:
+        """A WARNING line per file holding secrets that other users may read."""
+        out: list[str] = []
+        for f in self.files:
+            if f.inline:
+                mode = others_may_read(f.path)
+                if mode is not None:
+                    out.append(
+                        f"{f.shown}: WARNING: holds secrets ({', '.join(f.inline)}) and other "
+                        f"users may read it (mode {mode:04o}): chmod o-r {f.path}, or move them "
+                        "to <key>_file / ${VAR}"
+                    )
+            keys: dict[Path, list[str]] = {}
+            for where, path in f.secret_files:
+                keys.setdefault(Path(os.path.normpath(path)), []).append(where)
+            for path, wheres in keys.items():
+                mode = others_may_read(path)
+                if mode is not None:
+                    out.append(
+                        f"{f.shown}: WARNING: other users may read the secret file "
+                        f"{str(path)!r} (mode {mode:04o}) of {', '.join(wheres)}: "
+                        f"chmod o-r {path}"
+                    )
+        return out
 
     def _config_model(self, f: _File, section: str, kind: str) -> type[BaseModel] | None:
         if (section, kind) not in self._modules:
@@ -861,7 +1032,7 @@ class _Loader:
             return
         seen: dict[str, int] = {}
         for i, entry in enumerate(api.tokens):
-            key = "token" if entry.token is not None else "token_file"
+            key = f.read_from.get(("api", "tokens", i, "token"), "token")
             try:
                 value = read_token(entry)
             except ValueError as e:

@@ -8,7 +8,7 @@ errors) and lives next to the component it builds. Durations are parsed into sec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
@@ -84,6 +84,8 @@ class BufferConfig(StrictModel):
 
 class TlsConfig(StrictModel):
     """The one TLS table every client and server takes."""
+
+    secret_paths: ClassVar[tuple[str, ...]] = ("private_key",)  # `check` warns if world-readable
 
     ca: Path | None = None
     certificate: Path | None = None

@@ -30,7 +30,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -115,6 +115,8 @@ class EncryptConfig(StrictModel):
         key_files: key files of the ring; each file's id is its name without extension.
         active: the id of the key that seals new payloads (default: the last file's id).
     """
+
+    secret_paths: ClassVar[tuple[str, ...]] = ("key_files",)  # `check` warns if world-readable
 
     key_files: list[Path] = Field(min_length=1)
     active: str | None = None

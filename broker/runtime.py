@@ -634,6 +634,8 @@ class Runtime:
         except Exception as exc:
             log.error("reload failed: %s; keeping the running config", describe_error(exc))
             return
+        for warning in new.warnings:
+            log.warning("reload: %s", warning)
         try:
             await self.apply(new)
         except Exception as exc:

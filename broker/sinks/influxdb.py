@@ -438,6 +438,9 @@ def check_base_url(v: str) -> str:
         raise ValueError(f'invalid url {v!r}: use "http://host:port" or "https://host:port"')
     if parts.query or parts.fragment:
         raise ValueError(f"invalid url {v!r}: no query or fragment, just the base URL")
+    if parts.username is not None or parts.password is not None:
+        # a password there would be outside every rule for secrets (files, masking, warnings)
+        raise ValueError(f"invalid url {v!r}: credentials go in username/password (or token)")
     try:
         _ = parts.port
     except ValueError as e:

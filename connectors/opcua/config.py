@@ -13,7 +13,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -199,6 +199,8 @@ class SecurityConfig(StrictModel):
         trust: server certificates, or folders of them (``*.der``, ``*.pem``, ``*.crt``),
             that the client accepts: the server's own certificate or the CA that issued it.
     """
+
+    secret_paths: ClassVar[tuple[str, ...]] = ("private_key",)  # `check` warns if world-readable
 
     policy: Policy = "Basic256Sha256"
     mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"

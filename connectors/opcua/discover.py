@@ -113,6 +113,10 @@ async def discover(args: argparse.Namespace) -> str:
     except SecurityError as e:
         raise DiscoverError(str(e)) from None
     session.quiet_library_logs()
+    if args.password:
+        from plantbus.broker.secrets import register
+
+        register(args.password)  # masked in whatever the log handler writes
     try:
         client = await session.open_session(
             args.url,

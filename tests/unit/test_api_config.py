@@ -74,8 +74,11 @@ token = "z"
 write = ["$cmd/plant/press"]
 """,
     )
+    missing = tmp_path / "missing.token"
     assert errors == [
-        "plantbus.toml: api.tokens[4]: give the token as exactly one of `token` or `token_file`",
+        f"plantbus.toml: api.tokens[2].token_file: cannot read '{missing}': "
+        "No such file or directory",
+        "plantbus.toml: api.tokens[4].token: give `token` or `token_file`, never both",
         "plantbus.toml: api.tokens[5].publish: publish filter '$cmd/#': publish never covers "
         "command topics; list the device topics in `write` instead",
         "plantbus.toml: api.tokens[5].write: filter 'plant/+x': '+' must be a whole level",
@@ -83,7 +86,7 @@ write = ["$cmd/plant/press"]
         "device topics (a command to 'plant/press7' is published on '$cmd/plant/press7'), "
         "without '$cmd/'",
     ]
-    # once the table is valid, the files are read
+    # once the tables are valid, the tokens are compared (the files are read at load)
     errors = _check(
         tmp_path,
         """
@@ -93,17 +96,16 @@ token = "s3cret-value"
 [[api.tokens]]
 token_file = "dup.token"
 [[api.tokens]]
-token_file = "missing.token"
-[[api.tokens]]
 token_file = "empty.token"
 """,
     )
     assert errors == [
         "plantbus.toml: api.tokens[1].token_file: the same token as api.tokens[0]: "
         "each token names one role",
-        f"plantbus.toml: api.tokens[2].token_file: cannot read token_file "
-        f"'{tmp_path / 'missing.token'}': No such file or directory",
-        "plantbus.toml: api.tokens[3].token_file: the token is empty",
+        "plantbus.toml: api.tokens[2].token_file: the token is empty",
+    ]
+    assert _check(tmp_path, '[api]\n[[api.tokens]]\nname = "none"\n') == [
+        "plantbus.toml: api.tokens[0]: give the token as `token` or `token_file`"
     ]
     assert not any("s3cret" in e for e in errors)
 
