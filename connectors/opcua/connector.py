@@ -226,6 +226,8 @@ class OpcUaConnector:
         emitted: records whose emit returned.
         values: point values received (Good or not).
         overruns: polls that ended after the next one was due; ``missed``: polls skipped.
+        publishing_interval: subscribe mode: the publishing interval the server granted
+            (``RevisedPublishingInterval``, seconds) for the last subscription created.
     """
 
     def __init__(
@@ -275,6 +277,7 @@ class OpcUaConnector:
         self.values = 0
         self.overruns = 0
         self.missed = 0
+        self.publishing_interval: float | None = None  # seconds, as the server revised it
         session.quiet_library_logs()
 
     @staticmethod
@@ -722,6 +725,7 @@ class OpcUaConnector:
         handler: PublishHandler = sub
         result = await sub.link.client.uaclient.create_subscription(params, handler.on_publish)
         sub.subscription_id = result.SubscriptionId
+        self.publishing_interval = result.RevisedPublishingInterval / 1000
         revised = max(result.RevisedPublishingInterval, 1.0) / 1000
         sub.silence = revised * max(result.RevisedMaxKeepAliveCount, 1) + self.timeout
         sub.last = self._clock()
