@@ -7,10 +7,11 @@ Three processes besides this one's daemon, as in a plant:
   loops: for loop k it sets its ``trigger`` value to k and notes ``time.monotonic_ns()``
   right before; its write callback (pymodbus: the datastore's ``async_setValues``; asyncua:
   the Write service) notes the time a client's write of ``response`` = k lands. Both
-  times come from one process's CLOCK_MONOTONIC, so loop latency = landing − change. Then it
-  waits a random 5-15 ms (so changes fall at every phase of the poll or publish cycle)
-  and starts loop k + 1. ``WARMUP_LOOPS`` first, then ``LOOPS`` (``BENCH_CONTROL_LOOPS``,
-  default 1000) measured; a loop without its write within ``LOOP_TIMEOUT_S`` is ``lost``.
+  times come from one process's CLOCK_MONOTONIC, so loop latency = landing − change. Then
+  it waits a random 5-15 ms (a thread's sleep, not the loop's millisecond timer, so that
+  changes fall at every phase of the poll or publish cycle) and starts loop k + 1.
+  ``WARMUP_LOOPS`` first, then ``LOOPS`` (``BENCH_CONTROL_LOOPS``, default 1000) measured;
+  a loop without its write within ``LOOP_TIMEOUT_S`` is ``lost``.
 * **the daemon** (this process): ``Runtime`` and ``ConsumerApi`` built from a config text, as
   ``plantbus run`` does: one device (Modbus TCP polled every 2 ms: ``trigger`` and
   ``response`` in one read; or OPC UA in subscribe mode at the smallest publishing interval
@@ -268,6 +269,7 @@ class Loops:
     async def run(self, change: Any, warmup: int, count: int) -> None:
         lost = 0
         out = sys.stdout
+        loop = asyncio.get_running_loop()
         for k in range(1, warmup + count + 1):
             if k == warmup + 1:
                 self.loops.clear()
@@ -283,7 +285,10 @@ class Loops:
                     await self.answered.wait()
             except TimeoutError:
                 lost += 1
-            await asyncio.sleep(random.uniform(*GAP_S))
+            # not asyncio.sleep: (uv)loop timers fire on whole milliseconds of
+            # CLOCK_MONOTONIC, as the daemon's poll timer does, which would phase-lock each
+            # change to the polls; a thread's nanosleep wakes the loop at any phase
+            await loop.run_in_executor(None, time.sleep, random.uniform(*GAP_S))
         out.write(json.dumps({"loops": self.loops, "lost": lost}) + "\n")
         out.flush()
 
