@@ -23,7 +23,10 @@ Three processes besides this one's daemon, as in a plant:
   WebSocket. It notes (CLOCK_MONOTONIC) when each such frame arrived, which splits a loop
   into ``detect`` (device change → the app has the record: poll or publish wait, connector,
   bus, API, WebSocket) and ``act`` (app → write landed: WebSocket publish, bus, command
-  router, connector write, device).
+  router, connector write, device). A subscriber of the daemon's bus beside the API's
+  notes when the record was taken off the bus, which splits ``detect`` into
+  ``device_to_bus`` (poll or publish wait, the connector) and ``bus_to_app`` (API, WebSocket,
+  the app's parsing).
 
 One JSON line per protocol: ``p50_ms`` / ``p99_ms`` / ``max_ms`` per loop (change → write
 landed), ``detect_*`` and ``act_*``, ``loops``, ``lost``, ``records_per_s`` = loops per
@@ -155,6 +158,8 @@ async def run_protocol(protocol: str) -> dict[str, Any]:
         try:
             await rt.start()
             connector: Any = rt.devices["press"].connector
+            on_bus: dict[str, int] = {}  # k -> when its record was taken off the bus (ns)
+            tap = asyncio.create_task(_bus_times(rt.bus.subscribe([TOPIC], name="tap"), on_bus))
             client = await asyncio.create_subprocess_exec(
                 *me, "client", f"http://127.0.0.1:{api_port}", TOPIC, cwd=REPO, stdout=pipe
             )
@@ -181,6 +186,7 @@ async def run_protocol(protocol: str) -> dict[str, Any]:
             failed = router.points_failed if router is not None else 0
             granted = getattr(connector, "publishing_interval", None)
         finally:
+            tap.cancel()
             await rt.shutdown()
             await api.stop()  # closes the WebSocket: the app prints what it saw and exits
         assert client.stdout is not None
@@ -192,12 +198,16 @@ async def run_protocol(protocol: str) -> dict[str, Any]:
 
     loops = result["loops"]  # k -> [changed_ns, landed_ns] of the measured loops
     total = [(t1 - t0) / 1e9 for t0, t1 in loops.values()]
-    detect, act = [], []
+    detect, act, device_to_bus, bus_to_app = [], [], [], []
     for k, (t0, t1) in loops.items():
         t = seen.get(k)
         if t is not None:
             detect.append((t - t0) / 1e9)
             act.append((t1 - t) / 1e9)
+        b = on_bus.get(k)
+        if b is not None and t is not None:
+            device_to_bus.append((b - t0) / 1e9)
+            bus_to_app.append((t - b) / 1e9)
     interval_ms = POLL_INTERVAL_S * 1000 if protocol == "modbus" else (granted or 0) * 1000
     goal = BUDGET_MS + interval_ms
     latency = percentiles_ms(total)
@@ -208,6 +218,7 @@ async def run_protocol(protocol: str) -> dict[str, Any]:
         f"others {max(0.0, others / w.elapsed * 100):.0f} %"
     )
     d, a = percentiles_ms(detect), percentiles_ms(act)
+    db, ba = percentiles_ms(device_to_bus), percentiles_ms(bus_to_app)
     return report(
         "control_loop",
         records_per_s=len(total) / w.elapsed,
@@ -227,6 +238,10 @@ async def run_protocol(protocol: str) -> dict[str, Any]:
         detect_p99_ms=d["p99_ms"],
         act_p50_ms=a["p50_ms"],
         act_p99_ms=a["p99_ms"],
+        device_to_bus_p50_ms=db["p50_ms"],
+        device_to_bus_p99_ms=db["p99_ms"],
+        bus_to_app_p50_ms=ba["p50_ms"],
+        bus_to_app_p99_ms=ba["p99_ms"],
         commands=commands,
         points_failed=failed,
         daemon_cpu_pct=round(w.cpu / w.elapsed * 100),
@@ -236,6 +251,20 @@ async def run_protocol(protocol: str) -> dict[str, Any]:
         goal_p99_ms=goal,
         goal_met=latency["p99_ms"] is not None and latency["p99_ms"] <= goal and not lost,
     )
+
+
+async def _bus_times(sub: Any, out: dict[str, int]) -> None:
+    """Note when each new ``trigger`` value is taken off the bus (a subscriber of its own,
+    beside the API's): splits ``detect`` into the connector's part and the API's."""
+    last = None
+    while True:
+        batch = await sub.get()
+        now = time.monotonic_ns()
+        for r in batch:
+            k = r.fields.get("trigger")
+            if k is not None and k != last:
+                last = k
+                out[str(k)] = now
 
 
 async def _run() -> list[dict[str, Any]]:
