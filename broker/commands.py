@@ -12,6 +12,9 @@ of that device and the values to write. The router takes every such record off t
 4. publishes one reply record on ``$reply/<device topic>`` whose ``parent`` is the
    command's ``uid`` and whose fields hold, per point of the command, ``"ok"`` or the
    reason: ``refused: …``, ``out of range: …``, ``device error: …`` or ``timeout: …``;
+   for a point written with ``read_back`` on, also ``<point>.read_back`` (the value the
+   device holds after the write) or ``<point>.read_back_error`` (why reading it failed;
+   the point stays ``"ok"``: it was written);
 5. logs one line per command with its uid, the values and the outcome.
 
 Commands to one device are written in the order they arrived, one at a time; commands to
@@ -38,6 +41,8 @@ __all__ = [
     "CMD_PREFIX",
     "COMMAND_QUEUE",
     "COMMAND_TIMEOUT",
+    "READ_BACK_ERROR_SUFFIX",
+    "READ_BACK_SUFFIX",
     "REPLY_PREFIX",
     "CommandRouter",
     "DeviceLookup",
@@ -49,6 +54,10 @@ log = logging.getLogger("plantbus.commands")
 CMD_PREFIX = "$cmd/"
 REPLY_PREFIX = "$reply/"
 OK = "ok"
+READ_BACK_SUFFIX = ".read_back"
+"""Reply field ``<point>.read_back``: the value read back after the point was written."""
+READ_BACK_ERROR_SUFFIX = ".read_back_error"
+"""Reply field ``<point>.read_back_error``: why the read-back of a written point failed."""
 
 COMMAND_TIMEOUT = 10.0
 """Seconds a device's ``write`` may take before its points are answered ``timeout``.
@@ -166,10 +175,13 @@ class CommandRouter:
             lock = self._locks[topic] = asyncio.Lock()
         device = self.lookup(topic)
         async with lock:
-            outcome = await self._execute(topic, device, command.fields)
+            outcome, read_back = await self._execute(topic, device, command.fields)
+        fields: dict[str, FieldValue] = dict(outcome)
+        if read_back:
+            fields.update(read_back)
         reply = Record(
             self._series(topic, device, command.series),
-            dict(outcome),
+            fields,
             self._time_ns(),
             new_id(),
             parent=command.id,
@@ -183,7 +195,10 @@ class CommandRouter:
             "command %s to %s: %s (%.1f ms)",
             command.id,
             topic,
-            "; ".join(f"{k}={command.fields.get(k)!r} {v}" for k, v in outcome.items())
+            "; ".join(
+                f"{k}={command.fields.get(k)!r} {v}{_read_back_note(k, read_back)}"
+                for k, v in outcome.items()
+            )
             or "no points",
             (time.monotonic() - started) * 1000,
         )
@@ -191,13 +206,16 @@ class CommandRouter:
 
     async def _execute(
         self, topic: str, device: object | None, values: Mapping[str, FieldValue]
-    ) -> dict[str, str]:
-        """Per point of the command: ``"ok"`` or the reason it was not written."""
+    ) -> tuple[dict[str, str], dict[str, FieldValue]]:
+        """Per point of the command ``"ok"`` or the reason it was not written, and the
+        read-back fields of the written points (``<point>.read_back`` / ``…_error``)."""
+        read_back: dict[str, FieldValue] = {}
         if device is None:
-            return {k: f"refused: no device has topic {topic!r}" for k in values}
+            return {k: f"refused: no device has topic {topic!r}" for k in values}, read_back
         if not isinstance(device, WritableConnector):
             name = getattr(device, "name", topic)
-            return {k: f"refused: device {name!r} does not take commands" for k in values}
+            why = f"refused: device {name!r} does not take commands"
+            return dict.fromkeys(values, why), read_back
         outcome: dict[str, str] = {}
         points = device.write_points
         accepted: dict[str, FieldValue] = {}
@@ -209,24 +227,29 @@ class CommandRouter:
             else:
                 outcome[name] = reason
         if not accepted:
-            return outcome
+            return outcome, read_back
         try:
             async with asyncio.timeout(self.timeout):
                 result: WriteResult = await device.write(accepted)
         except TimeoutError:
             for name in accepted:
                 outcome[name] = f"timeout: no answer within {self.timeout:g}s"
-            return outcome
+            return outcome, read_back
         except Exception as exc:
             log.debug("write to %s failed", device.name, exc_info=exc)
             for name in accepted:
                 outcome[name] = f"device error: {describe_error(exc)}"
-            return outcome
+            return outcome, read_back
         for name in accepted:
             reason = result.errors.get(name)
             if reason is not None:
                 outcome[name] = reason
-        return outcome
+                continue
+            if name in result.read_back:
+                read_back[name + READ_BACK_SUFFIX] = result.read_back[name]
+            elif name in result.read_back_errors:
+                read_back[name + READ_BACK_ERROR_SUFFIX] = result.read_back_errors[name]
+        return outcome, read_back
 
     def _series(self, topic: str, device: object | None, command: Series) -> Series:
         """The reply's series: the device's measurement and tags on ``$reply/<topic>``."""
@@ -237,3 +260,14 @@ class CommandRouter:
             series = Series(REPLY_PREFIX + topic, base.measurement, base.tag_dict)
             self._reply_series[topic] = series
         return series
+
+
+def _read_back_note(name: str, read_back: Mapping[str, FieldValue]) -> str:
+    """`` (read back 42.5)`` / `` (read back failed: …)`` for the log line, else ``""``."""
+    if not read_back:
+        return ""
+    value = read_back.get(name + READ_BACK_SUFFIX)
+    if value is not None:
+        return f" (read back {value!r})"
+    why = read_back.get(name + READ_BACK_ERROR_SUFFIX)
+    return f" (read back failed: {why})" if why is not None else ""

@@ -48,15 +48,24 @@ class Connector(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Per point: ``None`` when written, else the reason it was not.
+    """What a write did: per point ``None`` when written, else the reason it was not.
 
     A reason starts with its class, which the command reply passes on: ``refused: …``
     (the connector will not write it), ``out of range: …`` (the value does not fit the
     point's type), ``device error: …`` (the device answered with an error) or
     ``timeout: …`` (no answer in time; the connection was torn down).
+
+    Attributes:
+        errors: per point of the write, ``None`` (written) or the reason.
+        read_back: per written point with ``read_back`` on, the value the device holds
+            after the write, read from it afresh (as a poll would decode it).
+        read_back_errors: per written point with ``read_back`` on whose read failed, the
+            reason (same classes as ``errors``). The write itself still counts as done.
     """
 
     errors: Mapping[str, str | None] = field(default_factory=dict)
+    read_back: Mapping[str, FieldValue] = field(default_factory=dict)
+    read_back_errors: Mapping[str, str] = field(default_factory=dict)
 
 
 ValueKind = Literal["bool", "int", "float", "str"]
@@ -73,12 +82,15 @@ class WritePoint:
         kind: the values it accepts (``None``: the device decides, e.g. an OPC UA variable
             whose type is only known from the server).
         limits: ``write_limits = [low, high]``: the inclusive range of numeric values.
+        read_back: after a successful write the connector reads the point back and
+            the reply carries the value the device holds (``read_back``).
     """
 
     name: str
     writable: bool
     kind: ValueKind | None = None
     limits: tuple[float, float] | None = None
+    read_back: bool = False
 
 
 @runtime_checkable
@@ -88,7 +100,9 @@ class WritableConnector(Protocol):
     ``write_points`` lists every point of the device (writable or not) so a command to a
     point can be told apart from a command to something the device does not have.
     ``write`` must interleave safely with ``run`` on the same connection and follow the
-    connector's timeout rule (a timeout tears the connection down).
+    connector's timeout rule (a timeout tears the connection down). For the written points
+    whose ``WritePoint.read_back`` is on, it reads them back once all points of the write
+    are done and reports the values (or why the read failed) in the ``WriteResult``.
     """
 
     name: str
@@ -105,10 +119,13 @@ class WritablePointConfig(StrictModel):
     Attributes:
         writable: commands may write this point (default: they may not).
         write_limits: ``[low, high]``: a command value outside is refused (numeric points).
+        read_back: read the point back after a successful write and put the value in the
+            reply (default: the device's ``read_back``).
     """
 
     writable: bool = False
     write_limits: tuple[float, float] | None = None
+    read_back: bool | None = None
 
     @field_validator("write_limits")
     @classmethod
@@ -126,17 +143,27 @@ class WritablePointConfig(StrictModel):
     def _limits_need_writable(self) -> WritablePointConfig:
         if self.write_limits is not None and not self.writable:
             raise ValueError("write_limits is set but writable is not true")
+        if self.read_back and not self.writable:
+            raise ValueError("read_back is set but writable is not true")
         return self
 
-    def write_point(self, name: str, kind: ValueKind | None) -> WritePoint:
+    def write_point(
+        self, name: str, kind: ValueKind | None, *, device_read_back: bool = False
+    ) -> WritePoint:
         """The ``WritePoint`` of this point, whose values are of ``kind``.
+
+        Args:
+            name: the point name.
+            kind: the values it takes.
+            device_read_back: the device's ``read_back``, for a point that does not set it.
 
         Raises:
             ValueError: ``write_limits`` on a point that takes no numbers.
         """
         if self.write_limits is not None and kind in ("bool", "str"):
             raise ValueError(f"write_limits applies only to numbers, not to a {kind} point")
-        return WritePoint(name, self.writable, kind, self.write_limits)
+        read_back = device_read_back if self.read_back is None else self.read_back
+        return WritePoint(name, self.writable, kind, self.write_limits, self.writable and read_back)
 
 
 class DiscoverError(Exception):

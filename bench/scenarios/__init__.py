@@ -15,4 +15,5 @@ SCENARIOS = (
     "opcua",
     "s7",
     "api",
+    "control_loop",
 )

@@ -108,6 +108,7 @@ class PointConfig(WritablePointConfig):
             when either is set.
         writable: commands may write it (coils and holding registers only; see
             ``WritablePointConfig``); ``write_limits`` bounds the value before scaling.
+        read_back: read it back after a write, into the reply (default: the device's).
     """
 
     name: str = Field(min_length=1)
@@ -236,6 +237,9 @@ class Config(DeviceConfig):
         byte_order / word_order: defaults for the points.
         frame_delay: silence on the line before each request (default: 3.5 characters on
             a serial line, none over TCP).
+        read_back: after a command wrote a point, read it back (one more request per
+            written point, or per touching group) and put the value in the reply; a point
+            may set its own ``read_back``.
         points: the point map.
     """
 
@@ -252,6 +256,7 @@ class Config(DeviceConfig):
     byte_order: Order = "big"
     word_order: Order = "big"
     frame_delay: Duration | None = None
+    read_back: bool = False
     points: list[PointConfig] = Field(min_length=1)
 
     @field_validator("timeout")

@@ -18,7 +18,10 @@ other points of the poll are still delivered.
 Commands (``write``) use the same link and take their turn on it like reads: one request
 per point (function 5 for a coil, 6 for one register, 16 for several, 22 for one bit of a
 register), each under the device's ``timeout``, which tears the connection down as a read
-timeout does.
+timeout does. With ``read_back`` the written points are then read again (touching points
+in one request, function 1 or 3) and decoded as a poll decodes them (scale and offset
+applied), so the reply holds what the unit keeps, which may differ from what was sent (a
+unit that clamps or ignores a write).
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ class ModbusConnector:
 
     def _write_point(self, p: Point) -> WritePoint:
         cfg = self.config.points[p.index]
-        return cfg.write_point(p.name, cfg.value_kind)
+        return cfg.write_point(p.name, cfg.value_kind, device_read_back=self.config.read_back)
 
     async def write(self, points: Mapping[str, FieldValue]) -> WriteResult:
         """Write each point of ``points`` to the unit, in order (see the module doc).
@@ -166,7 +169,44 @@ class ModbusConnector:
                 fatal = errors[name] = f"device error: {exc}"
                 continue
             errors[name] = None
-        return WriteResult(errors)
+        wanted = [
+            self._by_name[name]
+            for name, why in errors.items()
+            if why is None and self.write_points[name].read_back
+        ]
+        if not wanted:
+            return WriteResult(errors)
+        if fatal is not None:  # the connection is gone: nothing can be read back now
+            return WriteResult(errors, read_back_errors={p.name: fatal for p in wanted})
+        values, failed = await self._read_back(wanted)
+        return WriteResult(errors, values, failed)
+
+    async def _read_back(self, points: list[Point]) -> tuple[dict[str, FieldValue], dict[str, str]]:
+        """Read ``points`` afresh (touching ones in one request) and decode them as a poll
+        does: their values, and per point that could not be read the reason."""
+        link, unit, timeout, delay = self.link, self.unit, self.timeout, self.frame_delay
+        values: dict[str, object] = {}
+        failed: dict[str, str] = {}
+        fatal: str | None = None
+        for read in plan(points, max_registers=self.config.max_registers_per_request):
+            if fatal is None:
+                self.requests += 1
+                try:
+                    data = await link.read(
+                        self, unit, read.area, read.address, read.count, timeout, delay
+                    )
+                except ModbusExceptionResponse as exc:
+                    failed.update((p.name, f"device error: {exc}") for p in read.points)
+                    continue
+                except ReplyTimeout as exc:
+                    fatal = f"timeout: {exc}"
+                except LinkError as exc:
+                    fatal = f"device error: {exc}"
+                else:
+                    read.decode(data, values)
+                    continue
+            failed.update((p.name, fatal) for p in read.points)
+        return values, failed  # type: ignore[return-value]
 
     async def _write_one(self, p: Point, value: FieldValue) -> None:
         link, unit, timeout, delay = self.link, self.unit, self.timeout, self.frame_delay

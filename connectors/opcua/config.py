@@ -146,6 +146,7 @@ class PointConfig(WritablePointConfig):
         writable: commands may write this variable (see ``WritablePointConfig``); the value
             is sent with the variable's own DataType, read from the server.
         write_limits: ``[low, high]``: the inclusive range a command value must be in.
+        read_back: read it back after a write, into the reply (default: the device's).
     """
 
     name: str = Field(min_length=1)
@@ -234,6 +235,8 @@ class Config(DeviceConfig):
         verify_interval: subscribe mode: how often the monitored nodes are checked to still
             exist (a deleted node goes Bad, a node that is back is monitored again); 0: never.
         reconnect_initial / reconnect_max: backoff between reconnect attempts.
+        read_back: after a command wrote variables, read their values back (one Read
+            request, MaxAge 0) and put them in the reply; a point may set its own.
     """
 
     url: str
@@ -251,6 +254,7 @@ class Config(DeviceConfig):
     verify_interval: Duration = 30.0
     reconnect_initial: Duration = 0.5
     reconnect_max: Duration = 10.0
+    read_back: bool = False
 
     @field_validator("url")
     @classmethod

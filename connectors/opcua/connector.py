@@ -15,7 +15,10 @@ Write-back (``write``): the points of a command go out in one Write request on t
 session of the current connection, each value in a Variant of the variable's own DataType
 (read from the server once per connection and kept). A Bad status of a point is that
 point's ``device error: <status name>``; no answer within ``timeout`` answers every point
-``timeout: …`` and tears the connection down, as any other timeout does.
+``timeout: …`` and tears the connection down, as any other timeout does. With
+``read_back`` the written variables' Values are then read in one Read request (MaxAge 0:
+from the device, not a cache) and decoded as a poll decodes them; a Bad status is that
+point's read-back error, not a failed write.
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ from plantbus.broker.supervisor import describe_error
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.opcua import session
 from plantbus.connectors.opcua.config import Config, NodeRef
-from plantbus.connectors.opcua.decode import BAD_NOT_CONNECTED, BAD_TIMEOUT, Decoder, quality_of
+from plantbus.connectors.opcua.decode import (
+    BAD_NOT_CONNECTED,
+    BAD_TIMEOUT,
+    Decoder,
+    Unsupported,
+    field_value,
+    quality_of,
+)
 from plantbus.connectors.opcua.security import ClientIdentity, SecurityError, load_identity
 
 __all__ = ["OpcUaConnector", "PublishHandler"]
@@ -216,6 +226,8 @@ class OpcUaConnector:
         emitted: records whose emit returned.
         values: point values received (Good or not).
         overruns: polls that ended after the next one was due; ``missed``: polls skipped.
+        publishing_interval: subscribe mode: the publishing interval the server granted
+            (``RevisedPublishingInterval``, seconds) for the last subscription created.
     """
 
     def __init__(
@@ -251,7 +263,8 @@ class OpcUaConnector:
         self._limits = (0, 0)  # the server's MaxNodesPerRead, MaxMonitoredItemsPerCall
         self._index = {name: i for i, name in enumerate(self.point_names)}
         self.write_points: dict[str, WritePoint] = {
-            p.name: p.write_point(p.name, None) for p in config.points
+            p.name: p.write_point(p.name, None, device_read_back=config.read_back)
+            for p in config.points
         }
         self._links: list[_Link] = []  # the current connection's sessions (for write)
         self._types: dict[int, ua.VariantType] = {}  # point index -> its DataType, per connection
@@ -264,6 +277,7 @@ class OpcUaConnector:
         self.values = 0
         self.overruns = 0
         self.missed = 0
+        self.publishing_interval: float | None = None  # seconds, as the server revised it
         session.quiet_library_logs()
 
     @staticmethod
@@ -526,7 +540,50 @@ class OpcUaConnector:
             errors[name] = (
                 f"device error: {session.status_name(value)}" if value >= 0x80000000 else None
             )
-        return WriteResult(errors)
+        back = [
+            (name, i)
+            for name, i, _ in wanted
+            if errors.get(name, "") is None and self.write_points[name].read_back
+        ]
+        if not back:
+            return WriteResult(errors)
+        values, failed = await self._read_back(link, back)
+        return WriteResult(errors, values, failed)
+
+    async def _read_back(
+        self, link: _Link, points: list[tuple[str, int]]
+    ) -> tuple[dict[str, FieldValue], dict[str, str]]:
+        """Read the Value of ``points`` (name, index) afresh (MaxAge 0, one Read request as
+        chunked by MaxNodesPerRead): their values decoded as a poll decodes them, and per
+        point that could not be read the reason."""
+        values: dict[str, FieldValue] = {}
+        failed: dict[str, str] = {}
+        ids = [self._node_ids[i] for _, i in points]
+        requests = self._read_requests(ids, ua.AttributeIds.Value, ua.TimestampsToReturn.Neither)
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await link.read(requests, len(ids))
+        except TimeoutError:
+            why = f"timeout: no answer to the read-back within {self.timeout:g}s"
+            link.lose(why)
+            return values, {name: why for name, _ in points}
+        except UaStatusCodeError as exc:
+            why = f"device error: {session.status_name(int(exc.code))}"
+            return values, {name: why for name, _ in points}
+        except (OSError, ConnectionError, ua.UaError) as exc:
+            why = f"device error: {describe_error(exc)}"
+            link.lose(why)
+            return values, {name: why for name, _ in points}
+        for (name, _), dv in zip(points, results, strict=True):
+            code = dv.StatusCode.value if dv.StatusCode is not None else 0
+            if code >= 0x80000000:
+                failed[name] = f"device error: {session.status_name(code)}"
+                continue
+            try:
+                values[name] = field_value(dv.Value.Value if dv.Value is not None else None)
+            except Unsupported as exc:
+                failed[name] = f"device error: {session.status_name(exc.code)}: {exc}"
+        return values, failed
 
     async def _read_types(self, link: _Link, indices: list[int]) -> None:
         """Learn the VariantType each of ``indices`` is written with (kept per connection).
@@ -668,6 +725,7 @@ class OpcUaConnector:
         handler: PublishHandler = sub
         result = await sub.link.client.uaclient.create_subscription(params, handler.on_publish)
         sub.subscription_id = result.SubscriptionId
+        self.publishing_interval = result.RevisedPublishingInterval / 1000
         revised = max(result.RevisedPublishingInterval, 1.0) / 1000
         sub.silence = revised * max(result.RevisedMaxKeepAliveCount, 1) + self.timeout
         sub.last = self._clock()

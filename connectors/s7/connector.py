@@ -16,7 +16,9 @@ polling connection (requests take turns on it): a ``bool`` as an S7 bit write (t
 changes that bit alone), every other type as a byte write of its encoding (see
 ``encode``), split into requests that fit the negotiated PDU. A return code other than
 success is ``device error: …``; a timeout answers ``timeout: …`` and ends the connection,
-as it does for a poll.
+as it does for a poll. With ``read_back`` each written point's bytes are then read again
+and decoded as a poll decodes them; a read that fails is that point's read-back error,
+not a failed write.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from plantbus.connectors.s7.link import (
     check_driver,
     raise_lost_cancel,
 )
-from plantbus.connectors.s7.planner import ReadPlan, plan_reads
+from plantbus.connectors.s7.planner import RESPONSE_OVERHEAD, ReadPlan, plan_reads
 from plantbus.connectors.s7.status import (
     BAD_DATA_ENCODING_INVALID,
     ITEM_OK,
@@ -112,6 +114,7 @@ class PointConfig(WritablePointConfig):
         writable: commands may write it (DB, M and Q addresses; inputs are the PLC's own
             image of its input modules); see ``WritablePointConfig``.
         write_limits: ``[low, high]``: the range of a command value (numeric types).
+        read_back: read it back after a write, into the reply (default: the device's).
     """
 
     name: str = Field(min_length=1)
@@ -187,6 +190,9 @@ class Config(DeviceConfig):
             the PLC applies to that bit alone) or ``byte`` (read the byte, change the bit,
             write the byte: for PLCs and simulators that do not take bit writes; a bit the
             PLC's own program changes in between is overwritten).
+        read_back: after a command wrote a point, read its bytes back (one more request
+            per written point) and put the decoded value in the reply; a point may set its
+            own ``read_back``.
         points: at least one; names unique.
     """
 
@@ -201,6 +207,7 @@ class Config(DeviceConfig):
     timeout: Duration = 3.0
     max_gap: int = Field(default=16, ge=0, le=1024)
     bit_writes: Literal["bit", "byte"] = "bit"
+    read_back: bool = False
     points: list[PointConfig] = Field(min_length=1)
 
     @field_validator("local_tsap", "remote_tsap", mode="before")
@@ -296,7 +303,7 @@ class S7Connector:
         self._time_ns = time_ns
         self._last_ns = 0
         self.write_points: dict[str, WritePoint] = {
-            p.name: p.write_point(p.name, value_kind(a))
+            p.name: p.write_point(p.name, value_kind(a), device_read_back=config.read_back)
             for p, a in zip(config.points, self.addresses, strict=True)
         }
         self._index = {name: i for i, name in enumerate(self.point_names)}
@@ -536,7 +543,64 @@ class S7Connector:
                 fatal = errors[name] = f"device error: {exc}"
                 continue
             errors[name] = None if rc == ITEM_OK else f"device error: {describe(item_status(rc))}"
-        return WriteResult(errors)
+        wanted = [
+            name
+            for name, why in errors.items()
+            if why is None and self.write_points[name].read_back
+        ]
+        if not wanted:
+            return WriteResult(errors)
+        if fatal is not None:  # the connection is gone: nothing can be read back now
+            return WriteResult(errors, read_back_errors=dict.fromkeys(wanted, fatal))
+        assert link is not None
+        values, failed = await self._read_back(link, wanted)
+        return WriteResult(errors, values, failed)
+
+    async def _read_back(
+        self, link: Link, names: list[str]
+    ) -> tuple[dict[str, FieldValue], dict[str, str]]:
+        """Read the bytes of each point of ``names`` afresh (one request per point, more for
+        one longer than a PDU carries) and decode them as a poll does: their values, and per
+        point that could not be read the reason."""
+        values: dict[str, FieldValue] = {}
+        failed: dict[str, str] = {}
+        fatal: str | None = None
+        room = link.pdu_size - RESPONSE_OVERHEAD
+        for name in names:
+            if fatal is not None:
+                failed[name] = fatal
+                continue
+            i = self._index[name]
+            address = self.addresses[i]
+            area = AREA_CODES[address.area]
+            data = bytearray()
+            try:
+                for pos in range(0, address.size, room):
+                    item = (area, address.db, address.offset + pos, min(room, address.size - pos))
+                    ((rc, part),) = await link.read([item])
+                    self.requests += 1
+                    if rc != ITEM_OK:
+                        failed[name] = f"device error: {describe(item_status(rc))}"
+                        break
+                    data += part
+            except RequestRefused as exc:
+                failed[name] = f"device error: {describe(header_error_status(exc.error))}"
+                continue
+            except LinkTimeout as exc:
+                self.faults += 1
+                fatal = failed[name] = f"timeout: {exc}"
+                continue
+            except LinkError as exc:
+                self.faults += 1
+                fatal = failed[name] = f"device error: {exc}"
+                continue
+            if name in failed:
+                continue
+            try:
+                values[name] = self._decoders[i](data, 0)
+            except DecodeError as exc:
+                failed[name] = f"device error: {describe(BAD_DATA_ENCODING_INVALID)}: {exc}"
+        return values, failed
 
     async def _write_bytes(self, link: Link, address: Address, data: bytes) -> int:
         """Write ``data`` at ``address`` (a bit write for a bool); the S7 return code."""

@@ -12,7 +12,7 @@ import pytest
 
 from plantbus.broker.bus import Bus
 from plantbus.broker.commands import CommandRouter, check_value
-from plantbus.broker.connector import BuildContext, WritePoint
+from plantbus.broker.connector import BuildContext, WritablePointConfig, WritePoint
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import Record, Series
 from plantbus.codecs import json as json_codec
@@ -72,3 +72,27 @@ async def test_a_device_kind_without_write_refuses_and_the_reply_names_the_comma
     doc = json.loads(json_codec.encode([reply]))[0]
     assert doc["parent"] == command.id and doc["uid"] == reply.id
     assert doc["fields"] == {"n": "refused: device 's1' does not take commands"}
+
+
+@pytest.mark.parametrize(
+    ("device", "point", "writable", "expected"),
+    [
+        (False, None, True, False),
+        (True, None, True, True),
+        (True, False, True, False),  # the point opts out
+        (False, True, True, True),  # the point opts in
+        (True, None, False, False),  # never for a point commands cannot write
+    ],
+)
+def test_read_back_is_the_points_own_else_the_devices(
+    device: bool, point: bool | None, writable: bool, expected: bool
+) -> None:
+    cfg = WritablePointConfig.model_validate(
+        {"writable": writable, **({} if point is None else {"read_back": point})}
+    )
+    assert cfg.write_point("sp", "float", device_read_back=device).read_back is expected
+
+
+def test_read_back_on_a_point_that_is_not_writable_is_refused() -> None:
+    with pytest.raises(ValueError, match="read_back is set but writable is not true"):
+        WritablePointConfig.model_validate({"read_back": True})

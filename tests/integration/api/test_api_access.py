@@ -5,7 +5,8 @@ Every cell of ``MATRIX`` is one request to the running API (a WebSocket upgrade 
 whose answer differs and reports them all at once. Then the paths a matrix cannot show:
 a command allowed by ``write`` reaches the command router (its reply comes back), commands
 without tokens need ``local_commands``, and without tokens a client from another address
-is refused.
+is refused. What these rules leave on a real device (a pymodbus server's register changed
+or not) is in ``test_api_commands.py``.
 """
 
 from __future__ import annotations

@@ -325,3 +325,118 @@ def test_check_refuses_write_keys_where_they_cannot_apply(
     with pytest.raises(ConfigError) as err:
         parse_config(text, tmp_path / "plantbus.toml")
     assert err.value.messages == [f"plantbus.toml: devices.modbus[0].{message}"]
+
+
+# -- read-back -------------------------------------------------------------------------------
+
+
+def clamp_holding(server: ServerThread, address: int, most: int) -> None:
+    """Make the unit keep at most ``most`` in holding register ``address`` whatever a client
+    writes there (function 6 or 16), as a drive clamps a speed it cannot reach."""
+    context = server.server.context
+    set_values = context.async_setValues
+
+    async def async_setValues(device_id: int, fc: int, start: int, values: list[Any]) -> Any:
+        if fc in (6, 16) and start <= address < start + len(values):
+            values = list(values)
+            values[address - start] = min(values[address - start], most)
+        return await set_values(device_id, fc, start, values)
+
+    context.async_setValues = async_setValues
+
+
+async def test_read_back_reports_what_the_unit_holds_after_the_write(
+    server: ServerThread,
+) -> None:
+    clamp_holding(server, 2, 150)  # speed: raw 150 at most, i.e. 150 * 0.1 + 5 = 20.0
+    points = [dict(p) for p in POINTS]
+    points[4]["read_back"] = False  # label: this point opts out of the device's read_back
+    dev = build(
+        Config.model_validate(
+            {"name": "press", "host": "127.0.0.1", "port": server.port, "timeout": "1s",
+             "read_back": True, "points": points}
+        ),
+        CTX,
+    )  # fmt: skip
+    async with Commands(dev) as commands:
+        reply = await commands.send(
+            {"setpoint": 42.5, "speed": 25.0, "flag": True, "run": True, "label": "ab",
+             "cdab": 0x12345678, "locked": 1}
+        )  # fmt: skip
+    assert reply.fields == {
+        "setpoint": "ok",
+        "setpoint.read_back": 42.5,
+        "speed": "ok",
+        "speed.read_back": 20.0,  # not the 25.0 commanded: the unit clamped it
+        "flag": "ok",
+        "flag.read_back": True,
+        "run": "ok",
+        "run.read_back": True,
+        "label": "ok",
+        "cdab": "ok",
+        "cdab.read_back": 0x12345678,
+        "locked": "refused: point 'locked' is not writable",
+    }
+    # what the server's own datastore holds
+    assert server.get_values(1, "holding", 2, 1) == [150]
+    assert server.get_values(1, "holding", 0, 2) == encode(42.5, "float32")
+    assert server.get_values(1, "holding", 3, 2) == encode(0x12345678, "uint32", "big", "little")
+    assert server.get_values(1, "holding", 12, 1) == [1 << 3]
+    assert server.get_values(1, "coil", 0, 1) == [True]
+
+
+async def test_without_read_back_the_reply_holds_only_the_outcome(server: ServerThread) -> None:
+    async with Commands(device(server.port)) as commands:
+        reply = await commands.send({"setpoint": 1.5})
+    assert reply.fields == {"setpoint": "ok"}
+
+
+async def test_a_read_back_that_fails_leaves_the_write_ok(server: ServerThread) -> None:
+    async with ModbusProxy(server.port) as proxy:
+        dev = device(proxy.port, timeout="200ms", read_back=True)
+        async with Commands(dev) as c:
+            proxy.swallow_from(3)  # the two writes pass, the read-back hangs
+            reply = await c.send({"setpoint": 5.0, "run": True})
+            proxy.swallow_from(None)
+    why = f"timeout: tcp 127.0.0.1:{proxy.port} unit 1: no reply to coil 0+1 within 0.2s"
+    assert reply.fields["setpoint"] == "ok" and reply.fields["run"] == "ok"
+    # coils are read first; the connection is then gone, so the register is not tried
+    assert reply.fields["run.read_back_error"] == why
+    assert reply.fields["setpoint.read_back_error"] == why
+    assert "setpoint.read_back" not in reply.fields and "run.read_back" not in reply.fields
+    assert server.get_values(1, "holding", 0, 2) == encode(5.0, "float32")  # written all the same
+    assert server.get_values(1, "coil", 0, 1) == [True]
+
+
+async def test_a_device_exception_on_the_read_back_is_its_error(server: ServerThread) -> None:
+    context = server.server.context
+    get_values = context.async_getValues
+
+    async def async_getValues(device_id: int, fc: int, *args: Any) -> Any:
+        if fc == 3:  # this unit's holding registers can be written but not read
+            from pymodbus.constants import ExcCodes
+
+            return ExcCodes.ILLEGAL_ADDRESS
+        return await get_values(device_id, fc, *args)
+
+    context.async_getValues = async_getValues
+    async with Commands(device(server.port, read_back=True)) as commands:
+        reply = await commands.send({"setpoint": 5.0, "run": True})
+    assert reply.fields["setpoint"] == "ok"
+    assert reply.fields["setpoint.read_back_error"].startswith("device error: ")
+    assert "exception 2 (illegal data address)" in reply.fields["setpoint.read_back_error"]
+    assert reply.fields["run.read_back"] is True
+    server.server.context.async_getValues = get_values
+    assert server.get_values(1, "holding", 0, 2) == encode(5.0, "float32")
+
+
+def test_check_refuses_read_back_on_a_point_that_cannot_be_written(tmp_path: Path) -> None:
+    text = (
+        '[[devices.modbus]]\nname = "d"\nhost = "h"\n'
+        'points = [{ name = "x", address = 0, read_back = true }]\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, tmp_path / "plantbus.toml")
+    assert err.value.messages == [
+        "plantbus.toml: devices.modbus[0].points[0]: read_back is set but writable is not true"
+    ]

@@ -11,7 +11,11 @@ The spec (JSON)::
      "namespace": "urn:plantbus:test",   # registered as ns=2
      "variables": [{"node": "s=Line1.Temp", "name": "Temp", "parent": "Line1",
                     "type": "Double", "value": 21.5,
-                    "readonly": false}, ...],          # readonly: not set_writable
+                    "readonly": false,                 # readonly: not set_writable
+                    "unreadable": false,               # Reads of its Value: BadNotReadable
+                    "clamp": [0, 80],                  # writes kept within [low, high]
+                    "stall_reads": 2.0}, ...],         # the first Read of its Value after a
+                                                       # write stalls the server (seconds)
      "max_nodes_per_read": 7,            # published in OperationLimits and enforced
      "security": {"certificate": "server.der", "private_key": "server.pem",
                   "application_uri": "urn:…", "policies": ["Basic256Sha256_Sign", …],
@@ -116,6 +120,12 @@ class Harness:
         self.written = 0
         self.writer_task: asyncio.Task[None] | None = None
         self.parents: dict[str, Any] = {}
+        # a write-only variable (AccessLevel without CurrentRead, which asyncua's server does
+        # not enforce on Read) and a device that clamps what it is sent
+        self.unreadable: set[ua.NodeId] = set()
+        self.clamps: dict[ua.NodeId, tuple[float, float]] = {}
+        self.stalls: dict[ua.NodeId, float] = {}  # a PLC busy for seconds after a write
+        self.armed: set[ua.NodeId] = set()  # written since: the next Read stalls
 
     def nodeid(self, text: str) -> ua.NodeId:
         return ua.NodeId.from_string(text if text.startswith("ns=") else f"ns={self.idx};{text}")
@@ -157,6 +167,13 @@ class Harness:
         )
         if not var.get("readonly"):
             await node.set_writable()
+        if var.get("unreadable"):
+            self.unreadable.add(nid)
+        if var.get("clamp"):
+            low, high = var["clamp"]
+            self.clamps[nid] = (low, high)
+        if var.get("stall_reads"):
+            self.stalls[nid] = float(var["stall_reads"])
         if "status" in var:
             await self.server.write_attribute_value(nid, _datavalue(var, var.get("source_ns")))
 
@@ -171,6 +188,8 @@ class Harness:
     def _patch_read(self) -> None:
         service = self.server.iserver.attribute_service
         original = service.read
+        original_write = service.write
+        not_readable = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadNotReadable))
 
         def read(params: ua.ReadParameters) -> list[ua.DataValue]:
             items = params.NodesToRead
@@ -178,9 +197,29 @@ class Harness:
                 self.read_sizes.append(len(items))
                 if self.limit and len(items) > self.limit:
                     raise ServiceError(ua.StatusCodes.BadTooManyOperations)
-            return original(params)
+            for item in items:
+                if item.NodeId in self.armed and item.AttributeId == ua.AttributeIds.Value:
+                    self.armed.discard(item.NodeId)
+                    time.sleep(self.stalls[item.NodeId])  # the whole server stops answering
+            out = original(params)
+            if self.unreadable:
+                for i, item in enumerate(items):
+                    if item.NodeId in self.unreadable and item.AttributeId == ua.AttributeIds.Value:
+                        out[i] = not_readable
+            return out
+
+        async def write(params: ua.WriteParameters, *args: Any, **kwargs: Any) -> Any:
+            for w in params.NodesToWrite:
+                if w.NodeId in self.stalls:
+                    self.armed.add(w.NodeId)
+                span = self.clamps.get(w.NodeId)
+                if span is not None and w.Value.Value is not None:
+                    v = w.Value.Value
+                    w.Value.Value = ua.Variant(min(max(v.Value, span[0]), span[1]), v.VariantType)
+            return await original_write(params, *args, **kwargs)
 
         service.read = read
+        service.write = write
 
     async def writer(self, period: float, first: int, count: int) -> None:
         """Change ``count`` variables every ``period`` s, all with one source time."""

@@ -1,7 +1,9 @@
 """Write-back to a real asyncua server: the server holds what a command wrote, with the
 variable's own type (read on the server side); refused and out-of-range commands change
 nothing; a read-only node answers the server's ``device error: BadUserAccessDenied``; a
-frozen (SIGSTOPped) server answers ``timeout`` and the connection is made afresh."""
+frozen (SIGSTOPped) server answers ``timeout`` and the connection is made afresh. With
+``read_back`` the reply holds what the server holds (a clamped value too), and a read-back
+that fails (BadNotReadable, a server stalled after the write) leaves the write ``ok``."""
 
 from __future__ import annotations
 
@@ -205,3 +207,74 @@ def test_check_refuses_write_limits_without_writable(tmp_path: Path) -> None:
     assert err.value.messages == [
         "plantbus.toml: devices.opcua[0].points[0]: write_limits is set but writable is not true"
     ]
+
+
+# -- read-back -------------------------------------------------------------------------------
+
+READ_BACK_VARIABLES: list[dict[str, Any]] = [
+    *VARIABLES,
+    # the server keeps at most 80 whatever it is sent, as a drive clamps a speed
+    {"node": "s=W.Limited", "name": "Limited", "parent": "W", "type": "Double", "value": 0.0,
+     "clamp": [0, 80]},
+    # written, but its Value cannot be read (AccessLevel without CurrentRead)
+    {"node": "s=W.WriteOnly", "name": "WriteOnly", "parent": "W", "type": "Int32", "value": 0,
+     "unreadable": True},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["poll", "subscribe"])
+async def test_read_back_reports_what_the_server_holds_after_the_write(
+    server_factory: Callable[..., UaServer], mode: str
+) -> None:
+    server = server_factory(variables=READ_BACK_VARIABLES)
+    pts = [
+        *points(server)[:6],
+        {"name": "limited", "node": server.node("s=W.Limited"), "writable": True},
+        {"name": "writeonly", "node": server.node("s=W.WriteOnly"), "writable": True},
+    ]
+    pts[5]["read_back"] = False  # recipe: this point opts out of the device's read_back
+    config = device(server.url, pts, mode=mode, interval="50ms", timeout="5s", read_back=True)
+    async with running(config) as (dev, out):
+        await out.wait(lambda: dev.connected, what="a connection")
+        async with Commands(dev) as commands:
+            reply = await commands.send(
+                {"setpoint": 42.5, "count": -7, "run": True, "recipe": "weld B",
+                 "limited": 95.0, "writeonly": 5}
+            )  # fmt: skip
+    assert reply.fields == {
+        "setpoint": "ok",
+        "setpoint.read_back": 42.5,
+        "count": "ok",
+        "count.read_back": -7,
+        "run": "ok",
+        "run.read_back": True,
+        "recipe": "ok",
+        "limited": "ok",
+        "limited.read_back": 80.0,  # not the 95.0 commanded: the server clamped it
+        "writeonly": "ok",  # written all the same
+        "writeonly.read_back_error": "device error: BadNotReadable (0x803A0000)",
+    }
+    for name in ("Setpoint", "Count", "Run", "Limited"):
+        assert reply.fields[f"{name.lower()}.read_back"] == held(server, name)[0]
+    assert held(server, "WriteOnly") == (5, "Int32")
+    assert held(server, "Recipe") == ("weld B", "String")
+
+
+async def test_a_read_back_timeout_leaves_the_write_ok(
+    server_factory: Callable[..., UaServer],
+) -> None:
+    stalling = {"node": "s=W.Stalls", "name": "Stalls", "parent": "W", "type": "Int32",
+                "value": 0, "stall_reads": 2.0}  # fmt: skip
+    server = server_factory(variables=[*VARIABLES, stalling])
+    pts = [{"name": "stalls", "node": server.node("s=W.Stalls"), "writable": True}]
+    # polled once an hour: the read after the write is the read-back, not a poll
+    config = device(server.url, pts, interval="1h", timeout="1s", read_back=True)
+    async with running(config) as (dev, out):
+        await out.wait(lambda: dev.connected and out.records, what="the first poll")
+        async with Commands(dev) as commands:
+            reply = await commands.send({"stalls": 11})
+    assert reply.fields == {
+        "stalls": "ok",
+        "stalls.read_back_error": "timeout: no answer to the read-back within 1s",
+    }
+    assert held(server, "Stalls") == (11, "Int32")

@@ -3,7 +3,8 @@
 the reader supports, in DBs and in the M and Q areas; a bit write leaves the other bits of
 its byte; a string longer than one PDU goes in several requests; refused and out-of-range
 commands change nothing; the PLC's item errors are ``device error``; a late reply (fault
-proxy) is ``timeout`` and the next command goes over a new connection."""
+proxy) is ``timeout`` and the next command goes over a new connection. With ``read_back``
+the reply holds what the PLC's memory holds, and a late read-back leaves the write ``ok``."""
 
 from __future__ import annotations
 
@@ -234,3 +235,78 @@ def test_check_refuses_write_keys_where_they_cannot_apply(
     with pytest.raises(ConfigError) as err:
         parse_config(text, tmp_path / "plantbus.toml")
     assert err.value.messages == [f"plantbus.toml: devices.s7[0].{message}"]
+
+
+# -- read-back -------------------------------------------------------------------------------
+
+
+async def test_read_back_reports_what_the_plc_holds_after_the_write(plc: PlcServer) -> None:
+    text = "".join(chr(ord("A") + i % 26) for i in range(254))
+    points = [dict(p) for p in WRITE_POINTS]
+    for p in points:
+        if p["name"] == "db2_count":
+            p["read_back"] = False  # this point opts out of the device's read_back
+    config = s7_config(
+        plc.port, points=points, bit_writes="byte", pdu_size=240, read_back=True, interval="1h"
+    )
+    async with running(config) as r:
+        dev = r.connector
+        await wait_for(lambda: dev.connected and r.records, "the first poll")
+        bus = Bus()
+        router = CommandRouter(bus, lambda topic: dev if topic == dev.series.topic else None)
+        replies = bus.subscribe(["$reply/#"], name="replies")
+        task = asyncio.create_task(router.run())
+        try:
+            command = Record(
+                Series("$cmd/plant/h1/plc1", "cmd"),
+                {"strokes": -7, "pressure": 2.5, "recipe": "B 2", "merker": False,
+                 "long_text": text, "changed": "2025-01-02T03:04:05.678", "db2_count": 9},
+                0,
+                new_id(),
+            )  # fmt: skip
+            await bus.publish([command])
+            async with asyncio.timeout(20):
+                (reply,) = await replies.get()
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+    d1, d3, m = db(plc, 1), db(plc, 3), plc.areas[("M", 0)]
+    assert reply.fields == {
+        "strokes": "ok",
+        "strokes.read_back": -7,
+        "pressure": "ok",
+        "pressure.read_back": 2.5,
+        "recipe": "ok",
+        "recipe.read_back": "B 2",
+        "merker": "ok",
+        "merker.read_back": False,
+        "long_text": "ok",
+        "long_text.read_back": text,  # 256 bytes: two reads at PDU 240
+        "changed": "ok",
+        "changed.read_back": "2025-01-02T03:04:05.678",
+        "db2_count": "ok",
+    }
+    # what the PLC's memory holds, read there with snap7.util
+    assert util.get_int(d1, 8) == -7
+    assert util.get_real(d1, 24) == 2.5 and util.get_string(d1, 64) == "B 2"
+    assert util.get_bool(m, 10, 2) is False and util.get_string(d3, 0) == text
+    assert util.get_dt(d1, 102) == "2025-01-02T03:04:05.678000"
+    assert util.get_int(db(plc, 2), 0) == 9
+
+
+async def test_a_late_read_back_is_its_error_and_the_write_stays_ok(plc: PlcServer) -> None:
+    async with S7Proxy(plc.port) as proxy:
+        config = s7_config(
+            proxy.port, points=WRITE_POINTS, timeout="300ms", interval="1h", read_back=True
+        )
+        async with running(config) as r:
+            dev = r.connector
+            await wait_for(lambda: dev.connected and r.records, "the first poll")
+            proxy.delay_reply(1.0)  # the next read reply: the read-back's (polls are 1h apart)
+            result = await dev.write({"db2_count": 7, "merker_word": 99})
+    why = f"timeout: no reply from 127.0.0.1:{proxy.port} within 0.3s"
+    assert result.errors == {"db2_count": None, "merker_word": None}
+    assert result.read_back == {}
+    # the connection is gone after the timeout: the second point is not tried on it
+    assert result.read_back_errors == {"db2_count": why, "merker_word": why}
+    assert util.get_int(db(plc, 2), 0) == 7 and util.get_int(plc.areas[("M", 0)], 20) == 99
