@@ -1,0 +1,186 @@
+"""Shared pieces of the fuzz targets: settings profiles, the per-input hang guard, mutators.
+
+Profiles (``PLANTBUS_FUZZ``, default ``ci``):
+
+* ``ci``: 10,000 inputs per target; what ``make test`` (and so CI) runs.
+* ``fuzz``: 200,000 inputs per target (``PLANTBUS_FUZZ_EXAMPLES`` overrides), for
+  ``make fuzz`` (nightly-style).
+* ``quick``: 300 inputs per target, for iterating on a target.
+
+The profiles are applied per test (``@FUZZ``) rather than loaded globally, so the other
+Hypothesis tests of the suite keep their own settings. Seeds are random: a failure prints the
+falsifying input and a ``@reproduce_failure`` blob, and the example database replays it on
+the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+_COMMON = {
+    # a deadline per input (it is re-run before being reported, so a GC pause is not a failure)
+    "deadline": timedelta(seconds=2),
+    "suppress_health_check": [
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
+    "print_blob": True,
+}
+settings.register_profile("plantbus-fuzz-ci", max_examples=10_000, **_COMMON)
+settings.register_profile(
+    "plantbus-fuzz-fuzz",
+    max_examples=int(os.environ.get("PLANTBUS_FUZZ_EXAMPLES", "200000")),
+    **_COMMON,
+)
+settings.register_profile("plantbus-fuzz-quick", max_examples=300, **_COMMON)
+
+PROFILE = os.environ.get("PLANTBUS_FUZZ", "ci")
+if PROFILE not in ("ci", "fuzz", "quick"):
+    raise RuntimeError(f"PLANTBUS_FUZZ={PROFILE!r}: use ci, fuzz or quick")
+FUZZ = settings.get_profile(f"plantbus-fuzz-{PROFILE}")
+"""The settings of every fuzz target (``@FUZZ`` above ``@given``)."""
+
+ROUND_TRIP = settings(FUZZ, max_examples=max(100, FUZZ.max_examples // 5))
+"""Round-trip properties (encode -> decode is the identity): a fifth of the inputs. They
+check correctness on valid data rather than survival, and Hypothesis spends about 1 ms per
+input on its own, so the fuzz directory stays within a few minutes on CI's 2 cores."""
+
+HANG_SECONDS = 10.0
+"""Hard limit per input: far beyond the deadline, it catches a real hang (an endless loop,
+a range of 10^18 ordinals) that the deadline, measured only after the call returns, cannot."""
+
+
+class Hang(Exception):
+    """Raised inside the code under test when one input runs past ``HANG_SECONDS``."""
+
+
+@contextlib.contextmanager
+def within(seconds: float = HANG_SECONDS) -> Iterator[None]:
+    """Fail the input if the block runs longer than ``seconds`` (SIGALRM, main thread).
+
+    The code under test may swallow ``Hang`` (a decoder that maps every exception onto its
+    own error type), so whether the alarm fired is checked after the block as well.
+    """
+    fired = False
+
+    def alarm(signum: int, frame: object) -> None:
+        nonlocal fired
+        fired = True
+        raise Hang(f"one input ran longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    if fired:
+        raise AssertionError(f"one input ran longer than {seconds} s (swallowed Hang)")
+
+
+def expect_error(error: type[BaseException], call: Callable[[], object]) -> object | None:
+    """``call()``'s result, or None if it raised ``error`` with a message; anything else fails.
+
+    The hang guard is around the call; an exception other than ``error`` propagates, which
+    is the failure Hypothesis then shrinks.
+    """
+    with within():
+        try:
+            return call()
+        except error as e:
+            assert str(e).strip(), f"{type(e).__name__} without a message"
+            return None
+
+
+# -- byte mutators --------------------------------------------------------------------------------
+
+INTERESTING = (
+    b"\\",
+    b'"',
+    b"'",
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b"=",
+    b",",
+    b" ",
+    b"\t",
+    b"\x00",
+    b"\x7f",
+    b"\xff",
+    b"\xc3",
+    b"\xed\xa0\x80",  # an encoded lone surrogate (invalid UTF-8)
+    b"-",
+    b"+",
+    b".",
+    b"e",
+    b"E",
+    b"i",
+    b"u",
+    b"#",
+    b"[",
+    b"]",
+    b"{",
+    b"}",
+    b":",
+    b"9" * 25,
+    b"9" * 5000,
+    b"1e400",
+    b"-1e400",
+    b"NaN",
+    b"Infinity",
+    b"null",
+    b"true",
+    b"[" * 3000,
+)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: bytes | st.SearchStrategy[bytes], max_ops: int = 4) -> bytes:
+    """A valid input with 1..``max_ops`` mutations: bit flips, cuts, inserts, duplications.
+
+    Structure-aware by construction: most of the input stays valid, so the mutation is met
+    deep inside the decoder rather than at its first byte.
+    """
+    data = bytearray(draw(valid) if isinstance(valid, st.SearchStrategy) else valid)
+    for _ in range(draw(st.integers(1, max_ops))):
+        n = len(data)
+        op = draw(st.integers(0, 6))
+        at = draw(st.integers(0, n))
+        if op == 0 and n:  # flip one bit
+            i = min(at, n - 1)
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == 1:  # cut a slice (truncation when it reaches the end)
+            end = draw(st.integers(at, n))
+            del data[at:end]
+        elif op == 2:  # insert something interesting
+            data[at:at] = draw(st.sampled_from(INTERESTING))
+        elif op == 3:  # insert random bytes
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif op == 4:  # duplicate a slice
+            end = draw(st.integers(at, min(n, at + 64)))
+            data[at:at] = data[at:end]
+        elif op == 5:  # overwrite one byte with any value
+            if n:
+                data[min(at, n - 1)] = draw(st.integers(0, 255))
+        else:  # truncate
+            del data[at:]
+    return bytes(data)
+
+
+def noise(max_size: int = 300) -> st.SearchStrategy[bytes]:
+    """Random bytes, and random text as UTF-8 (which gets further than bytes)."""
+    return st.one_of(
+        st.binary(max_size=max_size),
+        st.text(max_size=max_size).map(lambda s: s.encode("utf-8", "surrogatepass")),
+    )
