@@ -57,6 +57,7 @@ def _check_record(rec: Record) -> None:
 @example(b"[" * 100_000)  # deep nesting: RecursionError must be a DecodeError
 @example(b'{"fields":{"a":' + b"9" * 5000 + b"}}")  # int() refuses > 4300 digits
 @example(b'{"fields":{"a":1e400}}')
+@example(b'{"fields":{},"quality":[]}')  # found: TypeError (unhashable) instead of DecodeError
 @example(b'{"fields":{"\\ud800":1}}')
 def test_json_records(payload: bytes) -> None:
     with within():
