@@ -34,9 +34,7 @@ SEEDS = [
     b'{"fields":{"a":-1e308,"b":"\\u00e9\\ud83d\\ude00"},"status":{"c":2151415808}}',
     b'[{"fields":{}},{"fields":{"x":0}, "topic":"a/b"}]',
 ]
-payloads = st.one_of(
-    st.binary(max_size=200), mutated(st.sampled_from(SEEDS)), record_payloads
-)
+payloads = st.one_of(st.binary(max_size=200), mutated(st.sampled_from(SEEDS)), record_payloads)
 
 SERIES = json_codec.SeriesCache(limit=50)
 
@@ -77,7 +75,9 @@ def test_json_records(payload: bytes) -> None:
             _check_record(rec)
 
 
-_names = st.text(min_size=1, max_size=8).filter(lambda s: s.encode("utf-8", "ignore") == s.encode("utf-8", "surrogatepass"))
+_names = st.text(min_size=1, max_size=8).filter(
+    lambda s: s.encode("utf-8", "ignore") == s.encode("utf-8", "surrogatepass")
+)
 _vals = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.integers(),
