@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 import signal
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -60,13 +61,29 @@ HANG_SECONDS = 10.0
 a range of 10^18 ordinals) that the deadline, measured only after the call returns, cannot."""
 
 
+MEMORY_HEADROOM = 2 << 30
+"""Address space one input may add (RLIMIT_AS, during the input only): a runaway allocation
+is a MemoryError in the test, not the kernel's OOM killer on a shared machine. A signal
+cannot interrupt one long C call (``set.update(range(10**18))``), so the hang guard alone
+would not stop it."""
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Hang(Exception):
     """Raised inside the code under test when one input runs past ``HANG_SECONDS``."""
 
 
 @contextlib.contextmanager
 def within(seconds: float = HANG_SECONDS) -> Iterator[None]:
-    """Fail the input if the block runs longer than ``seconds`` (SIGALRM, main thread).
+    """Fail the input if the block runs longer than ``seconds`` (SIGALRM, main thread) or
+    grows the address space by more than ``MEMORY_HEADROOM``.
 
     The code under test may swallow ``Hang`` (a decoder that maps every exception onto its
     own error type), so whether the alarm fired is checked after the block as well.
@@ -79,12 +96,19 @@ def within(seconds: float = HANG_SECONDS) -> Iterator[None]:
         raise Hang(f"one input ran longer than {seconds} s")
 
     old = signal.signal(signal.SIGALRM, alarm)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _vm_size() + MEMORY_HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft == resource.RLIM_INFINITY or cap < soft:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     if fired:
         raise AssertionError(f"one input ran longer than {seconds} s (swallowed Hang)")
 
