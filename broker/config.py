@@ -627,6 +627,10 @@ class _Loader:
             else:
                 self.error(f, (), f"TOML syntax error: {e}")
             return
+        except RecursionError:
+            # tomllib parses nested arrays and inline tables recursively (~1000 levels)
+            self.error(f, (), "TOML syntax error: arrays or inline tables nested too deeply")
+            return
         is_main = f.path == self.main
         allowed = (*_MAIN_ONLY, *_ANY_FILE) if is_main else _ANY_FILE
         for key, value in doc.items():
