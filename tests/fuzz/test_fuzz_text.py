@@ -209,3 +209,11 @@ def test_time_spec(data: bytes, seed: int, which: int) -> None:
             assert str(e)
             return
     assert type(ns) is int
+
+
+@pytest.mark.parametrize("value", ["1e999999", "-1E+999999999", 1e308, "9" * 400])
+def test_huge_epoch_times_are_refused_as_out_of_range(value: object) -> None:
+    # found by Hypothesis (tests/unit/test_decoders_fuzz.py, folded in here): decimal.Overflow
+    # escaped the decoder
+    with pytest.raises(PayloadError, match="out of range"):
+        TimeSpec("ms").parse(value)
