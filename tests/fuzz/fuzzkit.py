@@ -20,6 +20,7 @@ import os
 import random
 import resource
 import signal
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -102,13 +103,18 @@ def within(seconds: float = HANG_SECONDS) -> Iterator[None]:
         cap = min(cap, hard)
     if soft == resource.RLIM_INFINITY or cap < soft:
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # pytest-timeout's own alarm (the whole test's limit) is put back afterwards, less the
+    # time this input took
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 0.001))
     if fired:
         raise AssertionError(f"one input ran longer than {seconds} s (swallowed Hang)")
 

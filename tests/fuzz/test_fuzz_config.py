@@ -138,6 +138,8 @@ def _deep(rng: random.Random) -> Any:
 
 def _paths(node: Any, path: tuple = ()) -> Iterator[tuple]:
     yield path
+    if len(path) >= 12:  # not into a deep nest made before: it would only get deeper
+        return
     if isinstance(node, dict):
         for k, v in node.items():
             yield from _paths(v, (*path, k))
