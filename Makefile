@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-quick bench lint check-config clean install deb
+.PHONY: demo test test-quick fuzz bench lint check-config clean install deb
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 # Quick iteration: unit and golden tests only, no servers.
 test-quick: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider tests/unit tests/golden -q -x $(PYTEST_ARGS)
+
+# Nightly-style fuzzing: every target of tests/fuzz with FUZZ_EXAMPLES inputs each (the suite,
+# and so CI, runs 10,000 each). Hours, not minutes; no servers needed.
+FUZZ_EXAMPLES ?= 200000
+fuzz: $(STAMP)
+	PLANTBUS_FUZZ=fuzz PLANTBUS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:cacheprovider \
+		tests/fuzz -m fuzz --timeout=0 -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	./scripts/install-test-deps.sh

@@ -644,9 +644,22 @@ class _Loader:
             else:
                 self.error(f, (), f"TOML syntax error: {e}")
             return
-        doc = expand_env(
-            doc, (), os.environ, lambda parts, msg: self.error(f, parts, msg), f.from_env
-        )
+        except RecursionError:
+            # tomllib parses nested arrays and inline tables recursively (~1000 levels)
+            self.error(f, (), "TOML syntax error: arrays or inline tables nested too deeply")
+            return
+        except ValueError as e:
+            # not a TOMLDecodeError: tomllib lets int()'s limit through (a 5000-digit number)
+            why = "a number of more than 4300 digits" if "4300 digits" in str(e) else str(e)
+            self.error(f, (), f"TOML syntax error: {why}")
+            return
+        try:
+            doc = expand_env(
+                doc, (), os.environ, lambda parts, msg: self.error(f, parts, msg), f.from_env
+            )
+        except RecursionError:  # nested almost as deeply as tomllib takes
+            self.error(f, (), "TOML syntax error: arrays or inline tables nested too deeply")
+            return
         is_main = f.path == self.main
         allowed = (*_MAIN_ONLY, *_ANY_FILE) if is_main else _ANY_FILE
         for key, value in doc.items():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 import struct
@@ -358,15 +359,21 @@ def open_all(ring: KeyRing, data: bytes) -> Iterator[bytes]:
 
 def as_records(plaintext: bytes) -> bytes:
     """A payload as record lines: a JSON array becomes JSON lines; lines stay as they are."""
-    import json
-
     text = plaintext.lstrip()
     if text[:1] == b"[":
-        docs = json.loads(plaintext)
+        try:
+            docs = json.loads(plaintext)
+        except (ValueError, RecursionError):
+            # not JSON after all: line protocol may start with "[" (a measurement "[m]")
+            docs = None
         if isinstance(docs, list):
-            out = b"".join(
-                json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-                for d in docs
-            )
-            return out
+            return b"".join(_json_line(d) for d in docs)
     return plaintext if plaintext.endswith(b"\n") or not plaintext else plaintext + b"\n"
+
+
+def _json_line(doc: object) -> bytes:
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the JSON): keep it escaped
+        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"

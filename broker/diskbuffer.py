@@ -55,6 +55,7 @@ payload back from its segment.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import io
 import logging
@@ -85,6 +86,7 @@ _SYNCED = "synced"  # what the last group commit made durable (diagnostics, neve
 _SYNCED_SIZE = 100  # fixed length: an overwrite in place never leaves a longer old tail
 _ACK_LOG_MAX = 64 * 1024  # compact the ack log past this size
 _POLICIES = ("block", "drop_oldest", "drop_newest")
+_ORDINAL_LIMIT = 1 << 63  # ordinals count appends from 0: an ack log line beyond is damage
 
 
 class _Entry:
@@ -281,6 +283,8 @@ class DiskBuffer:
         self._disk_bytes = 0
         self._acked_below = 0
         self._dead: set[int] = set()  # ordinals >= _acked_below that are gone
+        self._dead_starts: list[int] = []  # while recovering: the ack log's "r" ranges, merged
+        self._dead_ends: list[int] = []
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -321,16 +325,21 @@ class DiskBuffer:
             return
         lines = data.split(b"\n")
         lines.pop()  # after the last newline: empty, or a line torn by a crash (ignored)
+        ranges: list[tuple[int, int]] = []
         for i, line in enumerate(lines):
             try:
                 kind, *args = line.split()
                 nums = [int(a) for a in args]
+                if not all(0 <= x < _ORDINAL_LIMIT for x in nums):
+                    raise ValueError(f"ordinal out of range in {line[:40]!r}")
                 if kind == b"a" and len(nums) == 1:
                     self._acked_below = max(self._acked_below, nums[0])
                 elif kind == b"d" and len(nums) == 1:
                     self._dead.add(nums[0])
-                elif kind == b"r" and len(nums) == 2:
-                    self._dead.update(range(nums[0], nums[1] + 1))
+                elif kind == b"r" and len(nums) == 2 and nums[0] <= nums[1]:
+                    # kept as a range: a damaged line such as "r 0 10^18" must not become
+                    # a set of 10^18 ordinals; only those still on disk are looked up
+                    ranges.append((nums[0], nums[1]))
                 else:
                     raise ValueError(f"unknown entry {line[:40]!r}")
             except ValueError as e:
@@ -344,9 +353,20 @@ class DiskBuffer:
                 )
                 break
         self._dead = {n for n in self._dead if n >= self._acked_below}
+        merged: list[list[int]] = []
+        for a, b in sorted(r for r in ranges if r[1] >= self._acked_below):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self._dead_starts = [a for a, _ in merged]
+        self._dead_ends = [b for _, b in merged]
 
     def _gone(self, n: int) -> bool:
-        return n < self._acked_below or n in self._dead
+        if n < self._acked_below or n in self._dead:
+            return True
+        i = bisect.bisect_right(self._dead_starts, n) - 1  # recovery only: the ack log's ranges
+        return i >= 0 and n <= self._dead_ends[i]
 
     def _recover(self) -> int:
         """Scan the segments, index every intact live batch; returns the next ordinal."""
@@ -407,7 +427,12 @@ class DiskBuffer:
             if found:
                 prev_last = found[-1].n
                 max_n = max(max_n, prev_last)
-            live = [e for e in found if not self._gone(e.n)]
+            live: list[_Entry] = []
+            for e in found:
+                if not self._gone(e.n):
+                    live.append(e)
+                elif e.n >= self._acked_below:
+                    self._dead.add(e.n)  # still on disk: the ack log must keep saying it is gone
             self._disk_bytes += size
             if not live:
                 p.unlink()
@@ -425,7 +450,9 @@ class DiskBuffer:
         self._next_segno = (segnos[-1] + 1) if segnos else 1
         # never hand out an ordinal the ack state already counts as gone (a batch that was
         # acknowledged but whose record was torn away must not make a new one look acked)
-        return max(max_n + 1, self._acked_below, max(self._dead, default=-1) + 1)
+        last_dead = max(max(self._dead, default=-1), max(self._dead_ends, default=-1))
+        self._dead_starts, self._dead_ends = [], []  # what is on disk is in _dead now
+        return max(max_n + 1, self._acked_below, last_dead + 1)
 
     @staticmethod
     def _first_n(p: Path, size: int) -> int | None:

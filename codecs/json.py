@@ -289,7 +289,8 @@ def _record(doc: object, where: str) -> dict[str, Any]:
         for k, v in tags.items():
             _text(k, f"{where}.tags: key")
             _text(v, f"{where}.tags.{k}")
-    if "quality" in doc and doc["quality"] not in _QUALITIES:
+    # type first: a list or an object is unhashable, and `in` a frozenset would raise TypeError
+    if "quality" in doc and (type(doc["quality"]) is not str or doc["quality"] not in _QUALITIES):
         raise DecodeError(
             f"{where}.quality: expected 'good', 'uncertain' or 'bad', got {doc['quality']!r}"
         )

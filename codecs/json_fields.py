@@ -23,6 +23,7 @@ not a value this time (devices leave out what did not change); null is the same.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,6 +92,18 @@ def _kind(v: object) -> str:
     }.get(type(v), type(v).__name__)
 
 
+def _float(v: int) -> float:
+    """An integer as a float; beyond float64 it is ±inf, as a JSON ``1e400`` already is.
+
+    ``float()`` raises OverflowError there (a 400-digit number in a payload), which no
+    caller expects; the encoders drop an infinite value and mark its point Bad.
+    """
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def _typed(v: Any, vtype: str) -> FieldValue:
     """``v`` (a JSON value, not null) as ``vtype``; PayloadError if it cannot be."""
     t = type(v)
@@ -98,12 +111,12 @@ def _typed(v: Any, vtype: str) -> FieldValue:
         if t is float or t is str or t is bool:
             return v  # type: ignore[no-any-return]
         if t is int:
-            return float(v)
+            return _float(v)
     elif vtype == "float":
         if t is float:
             return v  # type: ignore[no-any-return]
         if t is int:
-            return float(v)
+            return _float(v)
         if t is str:
             return convert(v, "float")
     elif vtype == "int":
@@ -228,7 +241,7 @@ def _flatten(doc: dict[str, Any], prefix: str, out: dict[str, FieldValue]) -> No
         if t is float or t is str or t is bool:
             out[prefix + k] = v
         elif t is int:
-            out[prefix + k] = float(v)
+            out[prefix + k] = _float(v)
         elif t is dict:
             _flatten(v, f"{prefix}{k}.", out)
 

@@ -36,6 +36,18 @@ __all__ = ["LineProtocolError", "Point", "Unsigned", "decode"]
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 UINT64_MAX = (1 << 64) - 1
+_OUT_OF_RANGE = 1 << 64  # beyond int64 and uint64 either way
+
+
+def _integer(text: str) -> int:
+    """``int(text)``, or ``_OUT_OF_RANGE`` for more than 20 significant digits.
+
+    int() refuses text of more than 4300 digits with a plain ValueError (CPython's
+    ``int_max_str_digits``), and such a number is out of every range here anyway.
+    """
+    if len(text) > 21 and len(text.lstrip("+-").lstrip("0")) > 20:
+        return _OUT_OF_RANGE
+    return int(text)
 
 
 class LineProtocolError(PayloadError):
@@ -227,12 +239,12 @@ class _Parser:
             raise self.error(f"field {key!r} has no value")
         last = raw[-1]
         if last == "i" and _INT.fullmatch(raw, 0, len(raw) - 1):
-            v = int(raw[:-1])
+            v = _integer(raw[:-1])
             if not INT64_MIN <= v <= INT64_MAX:
                 raise self.error(f"field {key!r}: integer {raw} is out of the int64 range", start)
             return v
         if last == "u" and _UINT.fullmatch(raw, 0, len(raw) - 1):
-            v = int(raw[:-1])
+            v = _integer(raw[:-1])
             if v > UINT64_MAX:
                 raise self.error(f"field {key!r}: unsigned {raw} is out of the uint64 range", start)
             return Unsigned(v)
@@ -250,7 +262,7 @@ class _Parser:
     def timestamp(self, stamp: str, start: int) -> int:
         if not _INT.fullmatch(stamp):
             raise self.error(f"invalid timestamp {stamp!r}", start)
-        t = int(stamp)
+        t = _integer(stamp)
         if not INT64_MIN <= t <= INT64_MAX:
             raise self.error(f"timestamp {stamp} is out of the int64 range", start)
         t *= self.precision

@@ -214,10 +214,9 @@ class TimeSpec:
         try:
             if self.format == "rfc3339":
                 return self._iso(value.strip())
-            dt = datetime.strptime(value.strip(), self.format)
+            return _ns(datetime.strptime(value.strip(), self.format), self.tz)
         except ValueError as e:
             raise PayloadError(f"time {preview(value, 40)}: {e}") from None
-        return _ns(dt, self.tz)
 
     def _epoch(self, value: object) -> int:
         t = type(value)
@@ -262,7 +261,11 @@ def _ns(dt: datetime, tz: tzinfo) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=tz)
     delta = dt - _EPOCH
-    return (delta // timedelta(microseconds=1)) * 1000
+    ns = (delta // timedelta(microseconds=1)) * 1000
+    # datetime spans years 1..9999, int64 ns only 1677..2262: the same limit as epoch numbers
+    if not INT64_MIN < ns < INT64_MAX - 999_999_999:
+        raise ValueError(f"{dt.isoformat()} is out of range (years 1678 to 2261)")
+    return ns
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

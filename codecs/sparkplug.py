@@ -272,7 +272,9 @@ class SparkplugDecoder:
         elif node is None:
             node = self.nodes[node_key] = _Node()
         self._check_seq(node, msg, mtype, t, problems)
-        now_ms_ns = msg.timestamp * 1_000_000 if msg.HasField("timestamp") else now_ns
+        now_ms_ns = now_ns
+        if msg.HasField("timestamp"):
+            now_ms_ns = _time_ns(msg.timestamp, now_ns, t, problems)
         if mtype == "NDEATH":
             return self._node_death(t, node, msg, now_ms_ns, problems), problems
         if mtype == "DDEATH":
@@ -345,7 +347,9 @@ class SparkplugDecoder:
                 dt = birth_dt
         if name == BD_SEQ or m.is_transient:
             return
-        t_ns = m.timestamp * 1_000_000 if m.HasField("timestamp") else now_ns
+        t_ns = (
+            _time_ns(m.timestamp, now_ns, entity, problems) if m.HasField("timestamp") else now_ns
+        )
         row = rows.get(t_ns)
         if row is None:
             row = rows[t_ns] = Row({}, t_ns)
@@ -380,6 +384,27 @@ class SparkplugDecoder:
             out.append(_death_row((t.group_id, t.edge_node_id, device), defs, now_ns))
         del self.nodes[(t.group_id, t.edge_node_id)]
         return [r for r in out if r[1].status]
+
+
+_MAX_MS = ((1 << 63) - 1) // 1_000_000  # the last ms in int64 ns (year 2262)
+
+
+def _time_ns(ms: int, now_ns: int, where: Entity | SparkplugTopic, problems: list[str]) -> int:
+    """A Sparkplug timestamp (uint64 ms) in ns; beyond int64 ns the receive time, a problem.
+
+    Every decoder hands out int64 ns times (what InfluxDB takes); a uint64 can hold 2^64 ms.
+    """
+    if ms <= _MAX_MS:
+        return ms * 1_000_000
+    entity = (
+        (where.group_id, where.edge_node_id, where.device_id)
+        if isinstance(where, SparkplugTopic)
+        else where
+    )
+    problems.append(
+        f"{_where(entity)}: timestamp {ms} ms is out of range; the receive time is used"
+    )
+    return now_ns
 
 
 def _bd_seq(msg: Any) -> int | None:

@@ -1,0 +1,8 @@
+"""The fuzz targets' folder: ``fuzzkit`` (profiles, hang guard, mutators) importable."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
