@@ -13,6 +13,7 @@ raised (``plantbus run`` would show a traceback instead of exit 2).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
@@ -129,6 +130,12 @@ _ODD_VALUES: list[Any] = [
 ]
 
 
+def _odd(rng: random.Random) -> Any:
+    # a copy: the lists and tables are mutated later, and a shared one could end up inside
+    # itself (a cycle: endless recursion, and inputs that depend on earlier ones)
+    return copy.deepcopy(rng.choice(_ODD_VALUES))
+
+
 def _deep(rng: random.Random) -> Any:
     v: Any = rng.choice([1, "x", []])
     for _ in range(rng.choice([5, 40, 120])):
@@ -163,11 +170,11 @@ def restructure(text: str, seed: int) -> bytes:
         path = rng.choice(paths)
         k = rng.randrange(6)
         if not path:
-            doc[rng.choice(["nodes", "devices", "sinks", "api", "x", ""])] = rng.choice(_ODD_VALUES)
+            doc[rng.choice(["nodes", "devices", "sinks", "api", "x", ""])] = _odd(rng)
             continue
         parent, key = _get(doc, path[:-1]), path[-1]
         if k <= 1:  # a value of another type
-            parent[key] = rng.choice(_ODD_VALUES)
+            parent[key] = _odd(rng)
         elif k == 2:  # deep nesting
             parent[key] = _deep(rng)
         elif k == 3:  # remove it
@@ -175,7 +182,7 @@ def restructure(text: str, seed: int) -> bytes:
         elif k == 4 and isinstance(parent, dict):  # an unknown key (a typo, mostly)
             name = str(key)
             typo = name[:-1] if len(name) > 1 and rng.random() < 0.5 else name + rng.choice("sx_")
-            parent[typo] = rng.choice(_ODD_VALUES)
+            parent[typo] = _odd(rng)
         elif isinstance(parent, list):  # the element twice
             parent.append(parent[key])
         else:  # an array of tables given as one table, or the reverse
