@@ -231,7 +231,12 @@ class TimeSpec:
                 raise PayloadError(f"time {value!r} {self.format} is out of range") from None
         elif t is str:
             try:
-                n = round(Decimal(value.strip()) * self.unit)  # type: ignore[attr-defined]
+                d = Decimal(value.strip())  # type: ignore[attr-defined]
+                # round() of "1e999999" builds a million-digit int (25 s): a number of more
+                # than 30 digits before the point is out of range anyway
+                if d.is_finite() and d.adjusted() > 30:
+                    raise OverflowError
+                n = round(d * self.unit)
             except InvalidOperation:
                 raise PayloadError(f"time {preview(value, 40)} is not a number") from None  # type: ignore[arg-type]
             except (ArithmeticError, ValueError):

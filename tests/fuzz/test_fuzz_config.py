@@ -131,8 +131,8 @@ _ODD_VALUES: list[Any] = [
 
 
 def _odd(rng: random.Random) -> Any:
-    # a copy: a later mutation may write into a list or table it is given, and the shared
-    # one would then carry that into every later input (or into itself: a cycle)
+    # a copy: the lists and tables are mutated later, and a shared one could end up inside
+    # itself (a cycle: endless recursion, and inputs that depend on earlier ones)
     return copy.deepcopy(rng.choice(_ODD_VALUES))
 
 

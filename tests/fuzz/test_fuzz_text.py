@@ -200,6 +200,7 @@ def _as_value(data: bytes, seed: int) -> object:
 )
 @example(b"0001-01-01T00:00:00+23:59", 0, 4)  # 2024: year 1 with an offset
 @example(b"9999-12-31T23:59:59-23:59", 0, 4)
+@example(b"1e999999", 0, 3)  # found: 25 s to build a million-digit int, then "out of range"
 def test_time_spec(data: bytes, seed: int, which: int) -> None:
     value = _as_value(data, seed)
     with within():
