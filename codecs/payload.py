@@ -139,10 +139,11 @@ def convert(text: str, vtype: str) -> FieldValue:
         raise PayloadError(f"{preview(text, 40)} is not a number")
     if vtype == "int":
         if _INT.fullmatch(s):
-            v = int(s)
-            if INT64_MIN <= v <= INT64_MAX:
+            # int64 has 19 digits; beyond 4300 int() refuses with a plain ValueError
+            v = int(s) if len(s.lstrip("+-").lstrip("0")) <= 19 else None
+            if v is not None and INT64_MIN <= v <= INT64_MAX:
                 return v
-            raise PayloadError(f"{s} is out of the int64 range")
+            raise PayloadError(f"{s if len(s) <= 40 else preview(s, 40)} is out of the int64 range")
         raise PayloadError(f"{preview(text, 40)} is not an integer")
     if vtype == "bool":
         low = s.lower()

@@ -98,6 +98,7 @@ frames = st.lists(
 @given(frames, st.sampled_from(range(len(DEVICES))), st.sampled_from([None, "10.0.0.7"]))
 @example([b"1714564800000" + b"9" * 5000 + b" 1"], 3, None)
 @example([b"9e999999 1"], 3, None)
+@example([b"1714564800000 -" + b"9" * 5000], 3, None)  # found: a 5000-digit int column
 @example([b"0001-01-01T00:00:00+23:59,1,1,on,x,s,t"], 1, None)
 @example([b"1.1.0001\t0:0:0;1"], 2, None)  # found: year 1 in Berlin is before int64 ns
 def test_line_device(raw: list[bytes], which: int, peer: str | None) -> None:

@@ -108,8 +108,10 @@ async def ws_command(
         frame = await receive_json(ws)
         if isinstance(frame, dict):
             answer = frame
-        else:
-            (reply,) = frame
+        else:  # records: the device's own polls may come too where the filter covers them
+            replies = [r for r in frame if r["topic"] == "$reply/plant/press"]
+            if replies:
+                (reply,) = replies
     return answer, reply
 
 
