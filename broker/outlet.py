@@ -36,7 +36,7 @@ from typing import Any
 
 from plantbus.broker.backoff import Backoff
 from plantbus.broker.buffer import Buffer, MemoryBuffer
-from plantbus.broker.bus import Bus
+from plantbus.broker.bus import Bus, Subscription
 from plantbus.broker.ids import id_time_ms
 from plantbus.broker.record import Record
 from plantbus.broker.sinks.base import (
@@ -306,6 +306,9 @@ class Outlet:
         sinks: the group (see ``group_sinks``); batch settings come from the first config.
         codec: codec name; default: the configs' ``codec``.
         buffer_factory: builds each sink's buffer (default ``make_buffer``).
+        subscription: one taken on ``bus`` before the outlet could be built (a reload takes
+            a successor's while its predecessor still holds the disk buffer); it must carry
+            the group's filters. Default: subscribe at construction.
 
     Attributes:
         records_in: records taken from the subscription.
@@ -322,6 +325,7 @@ class Outlet:
         *,
         codec: str | None = None,
         buffer_factory: BufferFactory | None = None,
+        subscription: Subscription | None = None,
     ):
         if not sinks:
             raise ValueError(f"outlet {name!r} has no sinks")
@@ -342,7 +346,9 @@ class Outlet:
         for i, (cfg, sink) in enumerate(sinks):
             sink_name = getattr(sink, "name", "") or cfg.name or f"{name}[{i}]"
             self.channels.append(SinkChannel(cfg, sink, factory(cfg, sink_name), sink_name))
-        self._sub = bus.subscribe(
+        if subscription is not None and set(subscription.filters) != set(config.subscribe):
+            raise ValueError(f"outlet {name!r}: the subscription given has other filters")
+        self._sub = subscription or bus.subscribe(
             config.subscribe, size=config.queue.size, policy=config.queue.policy, name=name
         )
         self._pending: list[Record] = []

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from plantbus.broker.backoff import Backoff
-from plantbus.broker.bus import Bus
+from plantbus.broker.bus import Bus, Subscription
 from plantbus.broker.commands import CommandRouter
 from plantbus.broker.config import ConfigError, DeviceEntry, PlantbusConfig, SinkEntry, load_config
 from plantbus.broker.connector import BuildContext, Connector
@@ -340,10 +340,16 @@ class Runtime:
         return built
 
     def _build_outlets(self, entries: Sequence[SinkEntry], ctx: BuildContext) -> list[OutletHandle]:
-        built = self._build_sinks(entries, ctx)
+        return self._outlets_of(self._build_sinks(entries, ctx))
+
+    def _outlets_of(
+        self,
+        built: Sequence[tuple[SinkConfig, Sink, SinkEntry]],
+        subscriptions: dict[str, Subscription] | None = None,
+    ) -> list[OutletHandle]:
         before = set(self.bus.subscriptions)
         try:
-            return self._group_outlets(built)
+            return self._group_outlets(built, subscriptions or {})
         except BuildError:
             # outlets subscribe when constructed: a `block` queue nobody reads would stall
             # every device publishing to it, so the ones built before the failure unsubscribe
@@ -352,19 +358,33 @@ class Runtime:
                     sub.close()
             raise
 
-    def _group_outlets(
-        self, built: Sequence[tuple[SinkConfig, Sink, SinkEntry]]
-    ) -> list[OutletHandle]:
+    @staticmethod
+    def _outlet_groups(
+        built: Sequence[tuple[SinkConfig, Sink, SinkEntry]],
+    ) -> list[tuple[str, list[tuple[SinkConfig, Sink]], list[SinkEntry]]]:
+        """(outlet name, group, its entries) per outlet ``built`` makes, in order."""
         entry_of = {id(sink): entry for _, sink, entry in built}
-        groups = group_sinks([(cfg, sink) for cfg, sink, _ in built])
-        handles: list[OutletHandle] = []
-        for group in groups:
+        out = []
+        for group in group_sinks([(cfg, sink) for cfg, sink, _ in built]):
             group_entries = [entry_of[id(sink)] for _, sink in group]
+            out.append(("+".join(e.name for e in group_entries), group, group_entries))
+        return out
+
+    def _group_outlets(
+        self,
+        built: Sequence[tuple[SinkConfig, Sink, SinkEntry]],
+        subscriptions: dict[str, Subscription],
+    ) -> list[OutletHandle]:
+        handles: list[OutletHandle] = []
+        for name, group, group_entries in self._outlet_groups(built):
             names = [e.name for e in group_entries]
-            name = "+".join(names)
             try:
                 outlet = Outlet(
-                    name, self.bus, group, buffer_factory=self._buffer_factory(group_entries)
+                    name,
+                    self.bus,
+                    group,
+                    buffer_factory=self._buffer_factory(group_entries),
+                    subscription=subscriptions.get(name),
                 )
             except Exception as exc:
                 # e.g. a buffer kind this build cannot provide
@@ -696,38 +716,76 @@ class Runtime:
         retire = [h for name, h in self.outlets.items() if name not in keep]
         if not changed and not retire:
             return
+        try:
+            built = self._build_sinks(changed, ctx)
+        except BuildError as exc:
+            log.error("reload: %s; sinks left as they were", exc)
+            return
         # an outlet's subscription is named after it; taken before the successors (which
         # often have the same name) subscribe
         retire_names = {h.name for h in retire}
         retire_subs = [s for s in self.bus.subscriptions if s.name in retire_names]
-        # a disk buffer's folder is used by one buffer at a time: an outlet that holds one
-        # drains into it and closes it before its successor opens it (records published in
-        # that short gap find no subscription)
         on_disk = [h for h in retire if any(_persistent_channel(ch) for ch in h.outlet.channels)]
         if on_disk:
+            fresh = await self._hand_over_disk_buffers(built, retire_subs, on_disk)
+        else:
+            try:
+                fresh = self._outlets_of(built)
+            except BuildError as exc:
+                log.error("reload: %s; sinks left as they were", exc)
+                return
+            # hand over without an await in between: every record published from here on
+            # goes to the new outlets only, and every earlier one is in an old queue and
+            # drained below, so nothing is lost and nothing is written twice
             for sub in retire_subs:
-                if sub.name in {h.name for h in on_disk}:
-                    sub.close()
-            await asyncio.gather(*(self._stop_outlet(h, self.shutdown_timeout) for h in on_disk))
-        try:
-            fresh = self._build_outlets(changed, ctx)
-        except BuildError as exc:
-            log.error("reload: %s; sinks left as they were", exc)
-            return
-        # hand over without an await in between: every record published from here on goes
-        # to the new outlets only, and every earlier one is in an old queue and drained
-        # below, so nothing is lost and nothing is written twice
-        for sub in retire_subs:
-            sub.close()
+                sub.close()
         for h in retire:
             del self.outlets[h.name]
         for h in fresh:
             self.outlets[h.name] = h
             self._start_outlet(h)
             log.info("reload: outlet %s started", h.name)
-        await asyncio.gather(*(self._stop_outlet(h, self.shutdown_timeout) for h in retire))
+        rest = [h for h in retire if h not in on_disk]
+        await asyncio.gather(*(self._stop_outlet(h, self.shutdown_timeout) for h in rest))
         for h in retire:
             log.info("reload: outlet %s stopped", h.name)
+
+    async def _hand_over_disk_buffers(
+        self,
+        built: Sequence[tuple[SinkConfig, Sink, SinkEntry]],
+        retire_subs: Sequence[Subscription],
+        on_disk: Sequence[OutletHandle],
+    ) -> list[OutletHandle]:
+        """Replace outlets where some hold a disk buffer, losing no record in between.
+
+        A disk buffer's folder is used by one buffer at a time, so a successor can only be
+        built once its predecessor has drained into the folder and closed it. The
+        successors' subscriptions are taken first, in the same step that closes the old
+        ones: records published meanwhile wait in the new queues (under their policy).
+        Returns the new outlets, or none when one could not be built (logged: the old ones
+        are stopped already, so the changed sinks stay stopped until a good reload).
+        """
+        subs: dict[str, Subscription] = {}
+        for name, group, _ in self._outlet_groups(built):
+            cfg = group[0][0]
+            subs[name] = self.bus.subscribe(
+                cfg.subscribe, size=cfg.queue.size, policy=cfg.queue.policy, name=name
+            )
+        for sub in retire_subs:
+            sub.close()
+        await asyncio.gather(*(self._stop_outlet(h, self.shutdown_timeout) for h in on_disk))
+        try:
+            return self._outlets_of(built, subs)
+        except BuildError as exc:
+            for sub in subs.values():
+                sub.close()
+            log.error(
+                "reload: %s; sinks %s stopped (a disk buffer keeps what it held); "
+                "fix the config and reload",
+                exc,
+                ", ".join(entry.name for _, _, entry in built),
+            )
+            return []
 
     async def _apply_devices(self, new: PlantbusConfig, ctx: BuildContext) -> None:
         wanted = {e.config.name: e for e in new.devices if e.config.enabled}

@@ -123,6 +123,50 @@ def test_sighup_restarts_only_what_changed_and_refuses_bad_config(tmp_path: Path
         d.kill()
 
 
+DISK_MAIN = """
+[node]
+name = "edge"
+state_dir = "state"
+[api]
+enabled = false
+
+[[devices.sim]]
+name = "count"
+interval = "1ms"
+points = [{{ name = "n", signal = "counter" }}]
+
+[[sinks.file]]
+name = "lp"
+path = "out/plantbus.lp"
+flush_interval = "{flush}"
+buffer = {{ kind = "disk", sync_interval = "20ms" }}
+"""
+
+
+def test_sighup_changing_a_disk_buffered_sink_loses_no_record(tmp_path: Path) -> None:
+    # the old outlet drains into its disk buffer and closes it before the new one can open
+    # it; what the counter publishes meanwhile must wait for the successor, not vanish
+    config = write_config(tmp_path, DISK_MAIN.format(flush="50ms"))
+    out = tmp_path / "out" / "plantbus.lp"
+    d = Daemon(config, tmp_path)
+    try:
+        d.wait_log("running: 1 device")
+        for i, flush in enumerate(["60ms", "70ms", "80ms"], start=1):
+            before = len(_count_values(out)) if out.exists() else 0
+            wait_until(lambda: len(_count_values(out)) > before + 100, 30, "count written")
+            config.write_text(DISK_MAIN.format(flush=flush))
+            d.signal(signal.SIGHUP)
+            wait_until(lambda: d.text.count("reload: outlet lp started") >= i, 30, "reload")
+        before = len(_count_values(out))
+        wait_until(lambda: len(_count_values(out)) > before + 100, 30, "count after reloads")
+        d.signal(signal.SIGTERM)
+        assert d.wait(timeout=60) == 0, d.text
+        assert d.text.count("reload: outlet lp stopped") == 3
+        assert _count_values(out) == list(range(emitted(d.text, "count")))
+    finally:
+        d.kill()
+
+
 API_MAIN = """
 [node]
 name = "edge"

@@ -452,6 +452,43 @@ async def test_a_disk_buffer_lives_under_state_dir_and_survives_a_reload(tmp_pat
     n = len(RecordingSink.written["m1"])
     await wait_for(lambda: len(RecordingSink.written["m1"]) > n + 10)
     await rt.shutdown()
-    got = counters(RecordingSink.written["m1"], "a")
-    assert len(got) == len(set(got)) and got == sorted(got)  # nothing twice, in order
+    # records published while the old outlet drained waited in the successor's queue:
+    # nothing lost in the handover, nothing twice, in order
+    assert counters(RecordingSink.written["m1"], "a") == list(range(rt.devices["a"].emitted))
     assert (folder / "synced").exists()
+
+
+async def test_a_disk_buffered_sink_whose_successor_cannot_be_built_is_stopped_and_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from plantbus.broker import runtime as runtime_module
+
+    real_outlet = runtime_module.Outlet
+    fail = {"m1": False}
+
+    def outlet(name: str, bus: Any, group: Any, **kw: Any) -> Any:
+        if fail.get(name):
+            raise OSError("the buffer folder is not writable")
+        return real_outlet(name, bus, group, **kw)
+
+    monkeypatch.setattr(runtime_module, "Outlet", outlet)
+    disk = '\nbuffer = { kind = "disk", sync_interval = "10ms" }\n'
+    rt = Runtime(config(tmp_path, sim("a", batch=1), memory("m1") + disk))
+    await rt.start()
+    others = {s for s in rt.bus.subscriptions if s.name != "m1"}
+    await wait_for(lambda: len(RecordingSink.written.get("m1", [])) > 10)
+    fail["m1"] = True
+    await rt.apply(config(tmp_path, sim("a", batch=1), memory("m1", label="v2") + disk))
+    assert "outlet 'm1' could not be built: OSError: the buffer folder is not writable" in (
+        caplog.text
+    )
+    assert "sinks m1 stopped (a disk buffer keeps what it held); fix the config" in caplog.text
+    # the successor's queue taken for the handover is not left on the bus to fill up
+    assert set(rt.bus.subscriptions) == others and "m1" not in rt.outlets
+    n = len(RecordingSink.written["m1"])
+    fail["m1"] = False
+    await rt.apply(config(tmp_path, sim("a", batch=1), memory("m1", label="v3") + disk))
+    await wait_for(lambda: len(RecordingSink.written["m1"]) > n + 10)
+    await rt.shutdown()
+    got = counters(RecordingSink.written["m1"], "a")
+    assert len(got) == len(set(got)) and got == sorted(got)
