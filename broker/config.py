@@ -749,6 +749,7 @@ class _Loader:
             self._check_api(main_file, api)
         self._check_devices(devices, node)
         self._check_sinks(sinks)
+        self._check_buffer_folders(sinks, node)
         for d in devices:
             self._note_secret_paths(self._file_of(d), ("devices", d.kind, d.index), d.config)
         for s in sinks:
@@ -1138,6 +1139,29 @@ class _Loader:
                 except ValueError as e:
                     self.error(f, (*prefix, "subscribe", i), str(e))
             self._check_keys(f, prefix, getattr(s.config, "encrypt", None))
+
+    def _check_buffer_folders(self, sinks: list[SinkEntry], node: NodeConfig | None) -> None:
+        """Two disk buffers in one folder would interleave their segments: one owner each."""
+        from plantbus.broker.outlet import buffer_dir
+
+        state_dir = (node or NodeConfig()).state_dir
+        owner: dict[Path, SinkEntry] = {}
+        for s in sinks:
+            b = getattr(s.config, "buffer", None)
+            if b is None or b.kind != "disk" or not s.config.enabled:
+                continue
+            folder = Path(os.path.abspath(b.path or buffer_dir(state_dir, s.kind, s.name)))
+            if folder in owner:
+                first = owner[folder]
+                self.error(
+                    self._file_of(s),
+                    ("sinks", s.kind, s.index, "buffer", "path"),
+                    f"disk buffer folder {str(folder)!r} is already the buffer of "
+                    f"{first.kind} sink {first.name!r} ({self._at(first)}); "
+                    "each disk-buffered sink needs its own folder",
+                )
+            else:
+                owner[folder] = s
 
     def _check_keys(self, f: _File, prefix: tuple[Key, ...], encrypt: Any) -> None:
         """Each key file of a sink's ``encrypt`` table must hold a 256-bit key."""

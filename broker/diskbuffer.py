@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import fcntl
 import io
 import logging
 import mmap
@@ -82,6 +83,7 @@ RECORD_HEADER_SIZE = _HEAD.size + _CRC.size
 """Fixed bytes per record before the strings and the payload (38)."""
 _SUFFIX = ".seg"
 _ACK = "ack"
+_LOCK = "lock"  # flock'd by the open buffer; holds its pid
 _SYNCED = "synced"  # what the last group commit made durable (diagnostics, never read back)
 _SYNCED_SIZE = 100  # fixed length: an overwrite in place never leaves a longer old tail
 _ACK_LOG_MAX = 64 * 1024  # compact the ack log past this size
@@ -208,6 +210,36 @@ def _fsync_all(fds: list[int], paths: list[Path]) -> None:
             os.close(fd)
 
 
+class FolderInUse(OSError):
+    """Another open buffer (in this process or another) holds the folder."""
+
+
+def _lock_folder(path: Path) -> int:
+    """Take the folder's ``lock`` file (flock, released when the holder closes or dies).
+
+    Two buffers appending to one folder would interleave segments and acks: a second
+    daemon on the same ``state_dir``, or two sinks given one ``buffer.path``.
+    """
+    fd = os.open(path / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise FolderInUse(
+            f"disk buffer folder {path} is in use by another buffer (process {holder}); "
+            "two sinks or two daemons cannot share one"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class DiskBuffer:
     """A byte-bounded buffer of encoded batches in append-only segment files.
 
@@ -301,10 +333,15 @@ class DiskBuffer:
         self._appended_records = 0  # records appended by this instance
         self.synced_records = 0
         self.path.mkdir(parents=True, exist_ok=True)
-        self._next_n = self._recover()
-        self.appended_position = self._next_n
-        self.synced_position = self._next_n  # what recovery found is on disk already
-        self._write_synced_state()  # this instance's, from zero: never an earlier one's
+        self._lock_fd: int | None = _lock_folder(self.path)
+        try:
+            self._next_n = self._recover()
+            self.appended_position = self._next_n
+            self.synced_position = self._next_n  # what recovery found is on disk already
+            self._write_synced_state()  # this instance's, from zero: never an earlier one's
+        except BaseException:
+            self._release_folder()
+            raise
         if self._items:
             self._readable.set()
 
@@ -876,6 +913,12 @@ class DiskBuffer:
             if self._ack_fd is not None:
                 os.close(self._ack_fd)
                 self._ack_fd = None
+            self._release_folder()
+
+    def _release_folder(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def __repr__(self) -> str:
         return (

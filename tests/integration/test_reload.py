@@ -153,10 +153,10 @@ def test_sighup_changing_a_disk_buffered_sink_loses_no_record(tmp_path: Path) ->
         d.wait_log("running: 1 device")
         for i, flush in enumerate(["60ms", "70ms", "80ms"], start=1):
             before = len(_count_values(out)) if out.exists() else 0
-            wait_until(lambda: len(_count_values(out)) > before + 100, 30, "count written")
+            wait_until(lambda n=before: len(_count_values(out)) > n + 100, 30, "count written")
             config.write_text(DISK_MAIN.format(flush=flush))
             d.signal(signal.SIGHUP)
-            wait_until(lambda: d.text.count("reload: outlet lp started") >= i, 30, "reload")
+            wait_until(lambda i=i: d.text.count("reload: outlet lp started") >= i, 30, "reload")
         before = len(_count_values(out))
         wait_until(lambda: len(_count_values(out)) > before + 100, 30, "count after reloads")
         d.signal(signal.SIGTERM)
@@ -165,6 +165,33 @@ def test_sighup_changing_a_disk_buffered_sink_loses_no_record(tmp_path: Path) ->
         assert _count_values(out) == list(range(emitted(d.text, "count")))
     finally:
         d.kill()
+
+
+def test_a_second_daemon_on_the_same_disk_buffer_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, DISK_MAIN.format(flush="50ms"))
+    out = tmp_path / "out" / "plantbus.lp"
+    first = Daemon(config, tmp_path)
+    (tmp_path / "second").mkdir()
+    second = None
+    try:
+        first.wait_log("running: 1 device")
+        second = Daemon(config, tmp_path / "second")
+        assert second.wait(timeout=60) == 1, second.text
+        folder = tmp_path / "state" / "buffers" / "file" / "lp"
+        assert (
+            f"outlet 'lp' could not be built: FolderInUse: disk buffer folder {folder} is in "
+            f"use by another buffer (process {first.proc.pid})"
+        ) in second.text
+        # the first one never noticed
+        before = len(_count_values(out)) if out.exists() else 0
+        wait_until(lambda: len(_count_values(out)) > before + 100, 30, "count keeps running")
+        first.signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0, first.text
+        assert _count_values(out) == list(range(emitted(first.text, "count")))
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
 
 
 API_MAIN = """

@@ -518,3 +518,23 @@ def test_disk_buffer_is_accepted_and_its_keys_checked(tmp_path):
         e.startswith("plantbus.toml: sinks.file[0].buffer.max_sise: unknown key") for e in errors
     ), errors
     assert any(e.startswith("plantbus.toml: sinks.file[0].buffer.when_full:") for e in errors)
+
+
+def test_two_disk_buffered_sinks_cannot_share_a_folder(tmp_path: Path) -> None:
+    # b's explicit path is a's default folder (<state_dir>/buffers/<kind>/<name>)
+    errors = errors_of(
+        tmp_path,
+        {
+            "plantbus.toml": '[node]\nstate_dir = "state"\n'
+            '[[sinks.file]]\nname = "a"\npath = "a.lp"\nbuffer = { kind = "disk" }\n'
+            '[[sinks.file]]\nname = "m"\npath = "m.lp"\n',
+            "conf.d/b.toml": '[[sinks.file]]\nname = "b"\npath = "b.lp"\n'
+            'buffer = { kind = "disk", path = "../state/buffers/file/a" }\n',
+        },
+    )
+    folder = tmp_path / "state" / "buffers" / "file" / "a"
+    assert errors == [
+        f"conf.d/b.toml: sinks.file[0].buffer.path: disk buffer folder {str(folder)!r} is "
+        "already the buffer of file sink 'a' (plantbus.toml at sinks.file[0]); each "
+        "disk-buffered sink needs its own folder"
+    ]

@@ -43,24 +43,38 @@ def segments(path: Path) -> list[Path]:
     return sorted(path.glob("*.seg"))
 
 
+def die(buf: DiskBuffer) -> None:
+    """The process holding ``buf`` dies: no close, no flush; its descriptors go with it."""
+    for f in buf._files.values():
+        f.close()
+    buf._files.clear()
+    if buf._ack_fd is not None:
+        os.close(buf._ack_fd)
+        buf._ack_fd = None
+    if buf._lock_fd is not None:
+        os.close(buf._lock_fd)
+        buf._lock_fd = None
+    if buf._sync_task is not None:
+        buf._sync_task.cancel()
+
+
 @pytest.fixture
 def make(tmp_path):
     opened: list[DiskBuffer] = []
 
     def _make(max_size: int = 10_000, when_full="drop_oldest", **kw) -> DiskBuffer:
         kw.setdefault("sync_interval", 0.05)
+        # opening the folder again without close() is a restart after a crash
+        for old in opened:
+            if not old.closed:
+                die(old)
         buf = DiskBuffer(tmp_path / "buf", max_size, when_full, **kw)
         opened.append(buf)
         return buf
 
     yield _make
     for buf in opened:
-        for f in buf._files.values():  # tests that "crash" leave files open
-            f.close()
-        if buf._ack_fd is not None:
-            os.close(buf._ack_fd)
-        if buf._sync_task is not None:
-            buf._sync_task.cancel()
+        die(buf)
 
 
 # -- the MemoryBuffer behaviour ----------------------------------------------------------------
@@ -513,10 +527,7 @@ class DiskBufferMachine(RuleBasedStateMachine):
         if task is not None:
             task.cancel()
             self._run(asyncio.gather(task, return_exceptions=True))
-        for f in self.buf._files.values():
-            f.close()
-        if self.buf._ack_fd is not None:
-            os.close(self.buf._ack_fd)
+        die(self.buf)
         self.buf = None  # type: ignore[assignment]
 
     def _reopen(self, synced: set[int]) -> None:
@@ -634,3 +645,19 @@ DiskBufferMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_disk_buffer_lives = DiskBufferMachine.TestCase
+
+
+async def test_a_folder_is_held_by_one_open_buffer_at_a_time(make, tmp_path):
+    from plantbus.broker.diskbuffer import FolderInUse
+
+    first = make()
+    await first.append(batch(0))
+    # a second daemon on the same state_dir, or two sinks given one buffer.path
+    held = rf"buf is in use by another buffer \(process {os.getpid()}\)"
+    with pytest.raises(FolderInUse, match=held):
+        DiskBuffer(tmp_path / "buf", 10_000, "drop_oldest")
+    assert seqs(first) == [0]  # the refused one touched nothing
+    first.rewind()
+    await first.close()
+    again = make()
+    assert seqs(again) == [0]
