@@ -999,6 +999,34 @@ class _Loader:
                     self._check_lp(
                         f, (*prefix, "points", i, "name"), pname, "point name", "field_key"
                     )
+            self._check_read_back_names(f, prefix, c)
+
+    def _check_read_back_names(self, f: _File, prefix: tuple[Key, ...], c: DeviceConfig) -> None:
+        """A reply's ``<point>.read_back`` field must not be another point's name too."""
+        from plantbus.broker.commands import READ_BACK_ERROR_SUFFIX, READ_BACK_SUFFIX
+
+        points = getattr(c, "points", None) or ()
+        device_read_back = bool(getattr(c, "read_back", False))
+        read_back = set()
+        for point in points:
+            own = getattr(point, "read_back", None)
+            if getattr(point, "writable", False) and (device_read_back if own is None else own):
+                read_back.add(point.name)
+        if not read_back:
+            return
+        for i, point in enumerate(points):
+            pname = getattr(point, "name", None)
+            if not isinstance(pname, str):
+                continue
+            for suffix in (READ_BACK_SUFFIX, READ_BACK_ERROR_SUFFIX):
+                base = pname[: -len(suffix)]
+                if pname.endswith(suffix) and base in read_back:
+                    self.error(
+                        f,
+                        (*prefix, "points", i, "name"),
+                        f"point name {pname!r} is the reply field that reports the "
+                        f"read-back of writable point {base!r}; rename one of them",
+                    )
 
     def _check_topic(
         self, f: _File, parts: Sequence[Key], topic: str, default: bool = False

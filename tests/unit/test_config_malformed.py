@@ -395,6 +395,26 @@ flush_intervall = "1s"
         ],
     ),
     (
+        "point named like another point's read-back reply field",
+        {
+            "conf.d/m.toml": '[[devices.modbus]]\nname = "m"\nhost = "127.0.0.1"\n'
+            "read_back = true\npoints = [\n"
+            '  { name = "sp", address = 0, writable = true },\n'
+            '  { name = "sp.read_back", address = 1 },\n'
+            '  { name = "sp.read_back_error", address = 2 },\n'
+            '  { name = "ro", address = 3 },\n'
+            '  { name = "ro.read_back", address = 4 },\n]\n'
+        },
+        [
+            "conf.d/m.toml: devices.modbus[0].points[1].name: point name 'sp.read_back' is "
+            "the reply field that reports the read-back of writable point 'sp'; rename one "
+            "of them",
+            "conf.d/m.toml: devices.modbus[0].points[2].name: point name 'sp.read_back_error' "
+            "is the reply field that reports the read-back of writable point 'sp'; rename one "
+            "of them",
+        ],
+    ),
+    (
         "duplicate sink name",
         {
             "plantbus.toml": '[[sinks.file]]\nname = "lp"\npath = "a.lp"\n',
