@@ -59,7 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", default="1s", help='poll or publishing interval ("1s")')
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     parser.add_argument("--username")
-    parser.add_argument("--password", help="(visible to other local users in the process list)")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--password-file", type=Path, help="a file holding the password (its first line)"
+    )
+    secret.add_argument("--password", help="(visible to other local users in the process list)")
     sec = parser.add_argument_group("security (all of --certificate, --private-key, --trust)")
     sec.add_argument("--policy", choices=POLICIES, default="Basic256Sha256")
     sec.add_argument(
@@ -89,6 +93,20 @@ def _security(args: argparse.Namespace) -> Any:
     )
 
 
+def _password(args: argparse.Namespace) -> str | None:
+    from plantbus.broker.secrets import read_secret_file, register
+
+    password: str | None = args.password
+    if args.password_file is not None:
+        try:
+            password = read_secret_file(args.password_file)
+        except ValueError as e:
+            raise DiscoverError(f"--password-file: {e}") from None
+    if password:
+        register(password)  # masked in whatever the log handler writes
+    return password
+
+
 async def discover(args: argparse.Namespace) -> str:
     """Connect, browse, and return the snippet.
 
@@ -113,17 +131,14 @@ async def discover(args: argparse.Namespace) -> str:
     except SecurityError as e:
         raise DiscoverError(str(e)) from None
     session.quiet_library_logs()
-    if args.password:
-        from plantbus.broker.secrets import register
-
-        register(args.password)  # masked in whatever the log handler writes
+    password = _password(args)
     try:
         client = await session.open_session(
             args.url,
             request_timeout=args.timeout,
             client_name="plantbus discover",
             username=args.username,
-            password=args.password,
+            password=password,
             identity=identity,
         )
     except Exception as e:
@@ -297,7 +312,11 @@ def snippet(
         f"interval = {_toml(args.interval)}",
     ]
     if args.username:
-        lines += [f"# username = {_toml(args.username)}", '# password = "…"']
+        lines.append(f"# username = {_toml(args.username)}")
+        if args.password_file is not None:
+            lines.append(f"# password_file = {_toml(str(args.password_file.absolute()))}")
+        else:
+            lines.append('# password = "…"')
     if security is not None:
         trust = ", ".join(_toml(str(p)) for p in security.trust)
         lines += [

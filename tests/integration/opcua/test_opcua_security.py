@@ -191,9 +191,11 @@ def test_discover_over_a_secure_channel_writes_the_security_table(
     import subprocess
     import sys
 
+    secret = tmp_path / "ua-password"
+    secret.write_text("s3cret\n")
     args = [
         "discover", "opcua", secure_server.url, "--limit", "2",
-        "--username", "operator", "--password", "s3cret",
+        "--username", "operator", "--password-file", str(secret),
         "--policy", "Aes128_Sha256_RsaOaep", "--security-mode", "Sign",
         "--certificate", str(pki.client_cert), "--private-key", str(pki.client_key),
         "--trust", str(pki.server_cert),
@@ -211,7 +213,7 @@ def test_discover_over_a_secure_channel_writes_the_security_table(
         f'certificate = "{pki.client_cert}", private_key = "{pki.client_key}", '
         f'trust = ["{pki.server_cert}"] }}'
     ) in out.stdout
-    assert '# username = "operator"\n# password = "…"\n' in out.stdout
+    assert f'# username = "operator"\n# password_file = "{secret}"\n' in out.stdout
     assert "s3cret" not in out.stdout
     # and an untrusted server is refused here too
     untrusted = [*args[:-1], str(pki.other_cert)]
@@ -224,3 +226,23 @@ def test_discover_over_a_secure_channel_writes_the_security_table(
     )
     assert out.returncode == 1
     assert "UntrustedCertificate: server certificate CN=ua-server" in out.stderr
+    # the password really comes from the file: a wrong one is refused by the server
+    secret.write_text("wrong\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "plantbus.broker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1 and "cannot connect to" in out.stderr, out.stderr
+    assert "wrong" not in out.stderr
+    both = subprocess.run(
+        [sys.executable, "-m", "plantbus.broker.cli", *args, "--password", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert both.returncode == 2
+    assert "--password: not allowed with argument --password-file" in both.stderr
