@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from plantbus.broker.bus import Bus, QueuePolicy, Subscription
 from plantbus.broker.commands import CMD_PREFIX, REPLY_PREFIX
@@ -125,6 +125,7 @@ STOP_TIMEOUT = 5.0
 
 _REFUSAL_LOG_INTERVAL = 60.0  # seconds between warnings about refused requests
 _ROLE_KEY = web.RequestKey("plantbus_role", object)
+_TOKEN_KEY = web.RequestKey("plantbus_token", object)  # the known token matched, or None
 
 
 class ApiError(Exception):
@@ -279,20 +280,38 @@ def client_ssl_context(
 # -- the server ----------------------------------------------------------------------------------
 
 
+def _close_reason(text: str) -> bytes:
+    """A WebSocket close reason: at most 123 bytes of UTF-8."""
+    return text.encode()[:123].decode("utf-8", "ignore").encode()
+
+
 class _Client:
     """One WebSocket subscriber: its subscription and what it was sent."""
 
-    __slots__ = ("dropped_reported", "filters", "frames", "id", "peer", "records", "role", "sub")
+    __slots__ = (
+        "dropped_reported",
+        "filters",
+        "frames",
+        "id",
+        "peer",
+        "records",
+        "revoked",
+        "role",
+        "sub",
+        "token",
+    )
 
-    def __init__(self, id: int, role: Role, peer: str, sub: Subscription):
+    def __init__(self, id: int, role: Role, token: str | None, peer: str, sub: Subscription):
         self.id = id
         self.role = role
+        self.token = token  # the configured token it authenticated with (None: local client)
         self.peer = peer
         self.sub = sub
         self.filters = sub.filters
         self.frames = 0
         self.records = 0
         self.dropped_reported = 0
+        self.revoked: str | None = None  # why its access ended (a reload changed the tokens)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -366,6 +385,50 @@ class ConsumerApi:
         role = request.get(_ROLE_KEY)
         return role if isinstance(role, Role) else None
 
+    def update_tokens(self, config: ApiConfig) -> None:
+        """Take the ``[[api.tokens]]`` of a reloaded ``config`` (its other keys need a restart).
+
+        Requests from now on are checked against the new tokens. An open WebSocket client
+        whose token is gone, or whose filters its token no longer covers, is closed (1008,
+        with the reason); the others keep their stream under their token's new lists.
+
+        Raises:
+            BuildError: a token cannot be read; the running tokens stay.
+        """
+        roles = load_roles(config)
+        self.roles = roles
+        self.config = self.config.model_copy(update={"tokens": config.tokens})
+        for client in self._clients.values():
+            if not roles:
+                # every client is local (check refuses a non-loopback listen without tokens)
+                client.role, client.token = self._local_role, None
+                continue
+            role = roles.get(client.token) if client.token is not None else None
+            if role is None:
+                why = (
+                    "its token was removed from the configuration"
+                    if client.token is not None
+                    else "tokens are configured now: connect with one"
+                )
+            else:
+                why = next(
+                    (r for f in client.filters if (r := role.subscribe_denied(f)) is not None),
+                    "",
+                )
+                client.role = role
+                if not why:
+                    continue
+            log.warning(
+                "api client %d (%s, %s) closed: %s", client.id, client.role.name, client.peer, why
+            )
+            client.revoked = why
+            client.sub.close()
+        n = len(roles)
+        log.info(
+            "api tokens updated: %s",
+            f"{n} token{'s' if n != 1 else ''}" if n else "no tokens: local clients only",
+        )
+
     # -- running ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -406,6 +469,7 @@ class ConsumerApi:
             # who may connect is decided by the socket's owner and group
             os.chmod(self.config.unix, 0o660)
         self.addresses = list(self._runner.addresses)
+        self.runtime.update_api_tokens = self.update_tokens  # applied on reload
         n = len(self.roles)
         log.info(
             "api listening on %s%s (%s)",
@@ -425,6 +489,7 @@ class ConsumerApi:
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:  # noqa: ASYNC109 - a budget
         """Stop serving: clients get what is queued for them, then their sockets close (1001)."""
         self._stopping = True
+        self.runtime.update_api_tokens = None
         for client in list(self._clients.values()):
             client.sub.close()  # the sender sends what is queued, then closes the socket
         handlers = [t for t in self._handlers if not t.done()]
@@ -442,7 +507,7 @@ class ConsumerApi:
 
     # -- authentication --------------------------------------------------------------------------
 
-    def _authenticate(self, request: web.Request) -> Role:
+    def _authenticate(self, request: web.Request) -> tuple[Role, str | None]:
         if not self.roles:
             if not _is_local(request):
                 raise ApiError(
@@ -450,18 +515,18 @@ class ConsumerApi:
                     "no [[api.tokens]] are configured: the API serves loopback and Unix-socket "
                     "clients only",
                 )
-            return self._local_role
+            return self._local_role, None
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing token: send 'Authorization: Bearer <token>'")
-        found: Role | None = None
+        found: tuple[Role, str | None] | None = None
         given = token.encode()
         for known, role in self.roles.items():
             # compare with every token, in constant time: no timing tells how close a guess was
             if hmac.compare_digest(given, known.encode()):
-                found = role
+                found = role, known
         if found is None:
             raise ApiError(401, "unknown token")
         return found
@@ -470,7 +535,7 @@ class ConsumerApi:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             try:
-                request[_ROLE_KEY] = self._authenticate(request)
+                request[_ROLE_KEY], request[_TOKEN_KEY] = self._authenticate(request)
             except ApiError:
                 if handler not in self._public:
                     raise
@@ -628,7 +693,10 @@ class ConsumerApi:
         await ws.prepare(request)
         self._next_id += 1
         sub = self.bus.subscribe(filters, size=size, policy=policy, name=f"api:{self._next_id}")
-        client = _Client(self._next_id, role, _peer(request), sub)
+        token = request.get(_TOKEN_KEY)
+        client = _Client(
+            self._next_id, role, token if isinstance(token, str) else None, _peer(request), sub
+        )
         self._clients[client.id] = client
         task = asyncio.current_task()
         assert task is not None
@@ -678,6 +746,13 @@ class ConsumerApi:
         try:
             while True:
                 records = await sub.get(MAX_FRAME_RECORDS)
+                if client.revoked is not None:
+                    # what is queued was taken under the old access: it is not sent
+                    if not ws.closed:
+                        await ws.close(
+                            code=WSCloseCode.POLICY_VIOLATION, message=_close_reason(client.revoked)
+                        )
+                    return
                 if sub.dropped != client.dropped_reported:
                     # the gap comes before these records: say so first
                     n = sub.dropped - client.dropped_reported

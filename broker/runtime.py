@@ -34,7 +34,14 @@ from pydantic import BaseModel
 from plantbus.broker.backoff import Backoff
 from plantbus.broker.bus import Bus, Subscription
 from plantbus.broker.commands import CommandRouter
-from plantbus.broker.config import ConfigError, DeviceEntry, PlantbusConfig, SinkEntry, load_config
+from plantbus.broker.config import (
+    ApiConfig,
+    ConfigError,
+    DeviceEntry,
+    PlantbusConfig,
+    SinkEntry,
+    load_config,
+)
 from plantbus.broker.connector import BuildContext, Connector
 from plantbus.broker.outlet import Outlet, buffer_dir, group_sinks, make_buffer
 from plantbus.broker.record import Record
@@ -279,6 +286,8 @@ class Runtime:
         self._wake = asyncio.Event()
         self._stopping = False
         self._reload_pending = False
+        # set by a running consumer API: takes reloaded [[api.tokens]] (may raise BuildError)
+        self.update_api_tokens: Callable[[ApiConfig], None] | None = None
         self._started = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._main: asyncio.Task[None] | None = None
@@ -667,14 +676,26 @@ class Runtime:
         """Switch to ``new``: restart only the devices and sink groups whose config changed.
 
         A component whose new config cannot be built is logged and keeps running as before
-        (or stays absent if it is new). ``[node]`` and ``[api]`` settings need a restart: a
+        (or stays absent if it is new). ``[[api.tokens]]`` go to the running API
+        (``update_api_tokens``). Other ``[node]`` and ``[api]`` settings need a restart: a
         change is logged (a WARNING naming the changed keys, never their values) and the
         running ones stay in ``config``, so later reloads build with them too and report
         the change again until plantbus is restarted.
         """
         old = self.config
-        for table in ("node", "api"):
-            keys = changed_keys(getattr(old, table), getattr(new, table), table)
+        running_api = old.api
+        if new.api.tokens != old.api.tokens and self.update_api_tokens is not None:
+            # tokens are rotated (a token file rewritten, a role's lists changed) without a
+            # restart; whatever else of [api] changed still needs one
+            try:
+                self.update_api_tokens(new.api)
+            except BuildError as exc:
+                log.error("reload: %s; the running API tokens stay", exc)
+            else:
+                running_api = old.api.model_copy(update={"tokens": new.api.tokens})
+                log.info("reload: api tokens applied")
+        for table, running in (("node", old.node), ("api", running_api)):
+            keys = changed_keys(running, getattr(new, table), table)
             if keys:
                 log.warning(
                     "reload: [%s] changed (%s); restart plantbus to apply it "
@@ -683,8 +704,8 @@ class Runtime:
                     ", ".join(keys),
                     table,
                 )
-        if new.node != old.node or new.api != old.api:
-            new = dataclasses.replace(new, node=old.node, api=old.api)
+        if new.node != old.node or new.api != running_api:
+            new = dataclasses.replace(new, node=old.node, api=running_api)
         ctx = old.build_context(publish=self.bus.publish)
         await self._apply_sinks(new, ctx)
         await self._apply_devices(new, ctx)
