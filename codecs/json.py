@@ -46,6 +46,7 @@ _KEYS = frozenset(
     {"uid", "topic", "measurement", "time", "tags", "fields", "quality", "status", "parent"}
 )
 _STRING_KEYS = ("uid", "topic", "measurement", "parent")
+_LEFT_OUT = {"uid": "a new one is given", "parent": "the record has none"}
 _PLAIN = frozenset({float, int, bool, str})
 _INF = float("inf")
 
@@ -381,13 +382,18 @@ def to_record(
         point whose status is Bad loses its value (as everywhere, a Bad value is never kept).
 
     Raises:
-        DecodeError: the topic cannot be published to, or the measurement is empty.
+        DecodeError: the topic cannot be published to, or the measurement, ``uid`` or
+            ``parent`` is empty.
     """
     rec_topic = doc.get("topic", topic)
     try:
         validate_topic(rec_topic)
     except ValueError as e:
         raise DecodeError(f"topic: {e}") from None
+    for key in ("uid", "parent"):
+        if doc.get(key) == "":
+            # an empty id would be stored and matched as one: a record needs its own
+            raise DecodeError(f"{key} is empty (leave it out: {_LEFT_OUT[key]})")
     measurement = doc.get("measurement", rec_topic.rsplit("/", 1)[-1])
     if not measurement:
         raise DecodeError("measurement is empty")

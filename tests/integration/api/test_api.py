@@ -108,6 +108,8 @@ BAD = [
     (b'[{"fields": {"a": 1}, "colour": "red"}]', "[0]: unknown key 'colour'"),
     (b'[{"topic": "app/+", "fields": {"a": 1}}]', "[0]: topic: topic 'app/+' holds a wildcard"),
     (b'[{"fields": {"a": 1}}, {"fields": {"a": 1}, "quality": "meh"}]', "[1].quality"),
+    (b'[{"fields": {"a": 1}, "uid": ""}]', "[0]: uid is empty (leave it out: a new one is given)"),
+    (b'[{"fields": {"a": 1}, "parent": ""}]', "[0]: parent is empty (leave it out"),
 ]
 
 
