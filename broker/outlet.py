@@ -37,6 +37,7 @@ from typing import Any
 from plantbus.broker.backoff import Backoff
 from plantbus.broker.buffer import Buffer, MemoryBuffer
 from plantbus.broker.bus import Bus, Subscription
+from plantbus.broker.cancel import raise_if_cancelling
 from plantbus.broker.ids import id_time_ms
 from plantbus.broker.record import Record
 from plantbus.broker.sinks.base import (
@@ -701,7 +702,7 @@ class Outlet:
                 self._recovered(ch, "connect", ch.backoff)
                 log.debug("outlet %s: sink %s connected", self.name, ch.name)
                 return
-            _stop_if_cancelled()
+            raise_if_cancelling()
             await asyncio.sleep(ch.backoff.next())
 
     async def _deliver(self, ch: SinkChannel, batch: EncodedBatch, backoff: Backoff) -> None:
@@ -750,7 +751,7 @@ class Outlet:
                         ch.latencies.append(time.time() - id_time_ms(batch.first_id) / 1000)
                 self._recovered(ch, "write", backoff)
                 return
-            _stop_if_cancelled()
+            raise_if_cancelling()
             delay = backoff.next()
             if retry_after is not None:
                 # the upstream knows best when it can take more, within the configured cap
@@ -820,16 +821,3 @@ class Outlet:
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _stop_if_cancelled() -> None:
-    """Raise ``CancelledError`` if this task was asked to stop.
-
-    Some drivers turn a cancellation that lands mid-connect into their own error (aiormq
-    during a failing TLS handshake raises ``AMQPConnectionError``), which the retry loops
-    catch like any failure; asyncio does not cancel again, so without this check the
-    outlet would retry forever after ``stop``.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from plantbus.broker.connector import BuildContext, Emit, WritePoint, WriteResult
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import FieldValue, Quality, Record, Series
+from plantbus.broker.schedule import FixedRate
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.modbus.codec import EncodeError, Point, encode_registers, resolve_points
 from plantbus.connectors.modbus.config import Config
@@ -129,8 +130,7 @@ class ModbusConnector:
         self.polls = 0
         self.requests = 0
         self.failed_reads = 0
-        self.overruns = 0
-        self.missed = 0
+        self._ticks = FixedRate(self.interval, clock)
         self.splits = 0
 
     def _write_point(self, p: Point) -> WritePoint:
@@ -313,9 +313,8 @@ class ModbusConnector:
             DeviceSilent: no reply in ``SILENT_POLLS`` polls in a row.
         """
         async with self.link.use():
-            interval, clock = self.interval, self._clock
-            start = clock()
-            k = 0
+            ticks = self._ticks
+            ticks.restart()
             while True:
                 record = await self.poll()
                 await emit([record])
@@ -326,19 +325,15 @@ class ModbusConnector:
                         f"{self.link.label} unit {self.unit} answered none of the last "
                         f"{SILENT_POLLS} polls"
                     )
-                if interval <= 0:
-                    await self._sleep(0)
-                    continue
-                k += 1
-                late = clock() - (start + k * interval)
-                if late > 0:
-                    self.overruns += 1
-                    skip = int(late // interval)
-                    self.missed += skip
-                    k += skip
-                    await self._sleep(0)  # let the rest of the loop run even when behind
-                else:
-                    await self._sleep(-late)
+                await self._sleep(ticks.next_pause() or 0)  # overdue: yield, then at once
+
+    @property
+    def overruns(self) -> int:
+        return self._ticks.overruns
+
+    @property
+    def missed(self) -> int:
+        return self._ticks.missed
 
 
 def build(config: Config, ctx: BuildContext) -> ModbusConnector:

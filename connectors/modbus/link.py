@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plantbus.broker.backoff import Backoff
+from plantbus.broker.cancel import raise_if_cancelling
 from plantbus.connectors.modbus.config import Config, SerialConfig
 from plantbus.connectors.modbus.status import (
     BAD_COMMUNICATION_ERROR,
@@ -503,11 +504,9 @@ class Link:
                     self.trace.append((owner, start, end))
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                # Python 3.11's asyncio.wait_for (inside pymodbus) returns the reply when it
-                # arrives together with a cancellation, swallowing the cancellation: a
-                # device told to stop would poll on. Honour it here.
+                # pymodbus's wait_for lost it (broker/cancel.py); the link is mid-request
                 self.close()
-                raise asyncio.CancelledError
+                raise_if_cancelling(task)
         finally:
             self._turns.release()
         return reply

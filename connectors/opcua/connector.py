@@ -36,9 +36,11 @@ from asyncua import Client, ua
 from asyncua.ua.uaerrors import UaStatusCodeError
 
 from plantbus.broker.backoff import Backoff
+from plantbus.broker.cancel import raise_if_cancelling
 from plantbus.broker.connector import BuildContext, Emit, WritePoint, WriteResult
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import FieldValue, Record, Series
+from plantbus.broker.schedule import FixedRate
 from plantbus.broker.supervisor import describe_error
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.opcua import session
@@ -200,17 +202,6 @@ class _Subscriber:
             raise TimeoutError(f"no publish response (data or keep-alive) for {self.silence:.1f}s")
 
 
-def _schedule_sleep(
-    interval: float, start: float, k: int, now: float
-) -> tuple[int, float, bool, int]:
-    """Fixed-rate schedule: (next k, seconds to sleep, overran, ticks skipped)."""
-    late = now - (start + k * interval)
-    if late > 0:
-        skip = int(late // interval)
-        return k + skip, 0.0, True, skip
-    return k, -late, False, 0
-
-
 class OpcUaConnector:
     """Reads the configured points of one OPC UA server (see the module doc).
 
@@ -275,10 +266,17 @@ class OpcUaConnector:
         self.polls = 0
         self.emitted = 0
         self.values = 0
-        self.overruns = 0
-        self.missed = 0
+        self._ticks = FixedRate(self.interval, self._clock)
         self.publishing_interval: float | None = None  # seconds, as the server revised it
         session.quiet_library_logs()
+
+    @property
+    def overruns(self) -> int:
+        return self._ticks.overruns
+
+    @property
+    def missed(self) -> int:
+        return self._ticks.missed
 
     @staticmethod
     def _slices(n: int, parts: int) -> list[range]:
@@ -377,7 +375,7 @@ class OpcUaConnector:
         try:
             # gather, not a TaskGroup: on Python 3.11 a TaskGroup whose child fails while it
             # waits leaves a cancellation counted on this task, which would later read as a
-            # request to stop (see _stop_if_cancelled)
+            # request to stop (see broker/cancel.py)
             results = await asyncio.gather(
                 *(one(points) for points in self._split), return_exceptions=True
             )
@@ -625,14 +623,13 @@ class OpcUaConnector:
             ids = [self._node_ids[i] for i in link.points]
             link.requests = self._read_requests(ids, ua.AttributeIds.Value, ts)
         names = self.point_names
-        decoder, clock, time_ns, interval = self.decoder, self._clock, self._time_ns, self.interval
+        decoder, time_ns, ticks = self.decoder, self._time_ns, self._ticks
         lost = links[0].lost
         single = links[0] if len(links) == 1 else None
         me = asyncio.current_task()
-        start = clock()
-        k = 0
+        ticks.restart()
         while True:
-            _stop_if_cancelled(me)
+            raise_if_cancelling(me)
             for link in links:
                 link.check()
             read_ns = time_ns()
@@ -649,13 +646,8 @@ class OpcUaConnector:
             self.emitted += len(records)
             self.values += len(values)
             healthy()
-            if interval <= 0:
-                await asyncio.sleep(0)
-                continue
-            k, pause, overran, skipped = _schedule_sleep(interval, start, k + 1, clock())
-            if overran:
-                self.overruns += 1
-                self.missed += skipped
+            pause = ticks.next_pause()
+            if not pause:  # flat out, or overdue: yield, then at once
                 await asyncio.sleep(0)
                 continue
             # a connection found broken (asyncua's watchdog) ends the wait at once.
@@ -687,7 +679,7 @@ class OpcUaConnector:
             period = min(period, verify_every)
         me = asyncio.current_task()
         while True:
-            _stop_if_cancelled(me)
+            raise_if_cancelling(me)
             try:
                 async with asyncio.timeout(period):  # not wait_for: see _poll
                     records, count = await queue.get()
@@ -904,17 +896,6 @@ def _variant(name: str, value: FieldValue, vt: ua.VariantType) -> ua.Variant | s
         except OverflowError:
             return f"out of range: {value!r} ns is not a date a DateTime can hold"
     return f"refused: point {name!r} is a {vt.name}, which commands cannot write"
-
-
-def _stop_if_cancelled(task: asyncio.Task[object] | None) -> None:
-    """Raise CancelledError if ``task`` was asked to stop and the request got lost.
-
-    On Python 3.11 ``asyncio.wait_for`` (asyncua uses it for every request) drops a
-    cancellation that arrives as its awaitable completes; the device would then run on and
-    never stop. The request stays counted on the task, so the loops look at it once a turn.
-    """
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _fault_code(exc: BaseException) -> int:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from plantbus.broker.cancel import raise_if_cancelling
 from plantbus.broker.configtypes import Duration
 from plantbus.broker.connector import (
     BuildContext,
@@ -43,6 +44,7 @@ from plantbus.broker.connector import (
 )
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import FieldValue, Quality, Record, Series
+from plantbus.broker.schedule import FixedRate
 from plantbus.broker.topics import validate_topic
 from plantbus.codecs.line_protocol import check_name
 from plantbus.connectors.s7.address import AREA_CODES, Address, parse_address, parse_type
@@ -55,7 +57,6 @@ from plantbus.connectors.s7.link import (
     ReadItem,
     RequestRefused,
     check_driver,
-    raise_lost_cancel,
 )
 from plantbus.connectors.s7.planner import RESPONSE_OVERHEAD, ReadPlan, plan_reads
 from plantbus.connectors.s7.status import (
@@ -316,8 +317,7 @@ class S7Connector:
         self.requests = 0
         self.connects = 0
         self.faults = 0
-        self.overruns = 0
-        self.missed = 0
+        self._ticks = FixedRate(self.interval, clock)
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -629,9 +629,8 @@ class S7Connector:
         return ITEM_OK
 
     async def _schedule(self, link: Link, emit: Emit) -> None:
-        interval, clock = self.interval, self._clock
-        start = clock()
-        k = 0
+        ticks = self._ticks
+        ticks.restart()
         while True:
             record, fault = await self.poll(link)
             await emit([record])
@@ -640,20 +639,16 @@ class S7Connector:
             if fault is not None:
                 self.faults += 1
                 raise fault
-            raise_lost_cancel()  # a drain must stop the device even when it polls flat out
-            if interval <= 0:
-                await self._sleep(0)
-                continue
-            k += 1
-            late = clock() - (start + k * interval)
-            if late > 0:
-                self.overruns += 1
-                skip = int(late // interval)
-                self.missed += skip
-                k += skip
-                await self._sleep(0)  # let the rest of the loop run even when behind
-            else:
-                await self._sleep(-late)
+            raise_if_cancelling()  # a drain must stop the device even when it polls flat out
+            await self._sleep(ticks.next_pause() or 0)  # overdue: yield, then at once
+
+    @property
+    def overruns(self) -> int:
+        return self._ticks.overruns
+
+    @property
+    def missed(self) -> int:
+        return self._ticks.missed
 
     def metrics(self) -> dict[str, Any]:
         """Counters for tests, logs and the bench."""

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from plantbus.broker.cancel import raise_if_cancelling
 from plantbus.connectors.s7.status import (
     BAD_COMMUNICATION_ERROR,
     BAD_CONNECTION_CLOSED,
@@ -37,7 +38,6 @@ __all__ = [
     "ReadItem",
     "RequestRefused",
     "check_driver",
-    "raise_lost_cancel",
 ]
 
 log = logging.getLogger("plantbus.connectors.s7")
@@ -82,19 +82,6 @@ class RequestRefused(Exception):
     def __init__(self, error: int):
         super().__init__(f"PLC refused the request: header error 0x{error:04X}")
         self.error = error
-
-
-def raise_lost_cancel() -> None:
-    """Raise ``CancelledError`` if this task was cancelled but the cancellation got lost.
-
-    python-snap7 reads with ``asyncio.wait_for``, which on Python 3.11 returns the result
-    and drops a cancellation that arrives as the read completes (CPython gh-86296). With
-    data always ready (fast polls) that happens: the device would then ignore a drain's
-    cancel and poll on. ``Task.cancelling()`` still counts the request, so honour it here.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def check_driver() -> None:
@@ -177,7 +164,7 @@ class Link:
             await self._abort(conn)  # cancelled while connecting: snap7 leaves the socket open
             raise
         self._conn = conn  # from here on ``close`` (idempotent) releases it
-        raise_lost_cancel()
+        raise_if_cancelling()
         request = self._protocol.build_setup_communication_request(
             max_amq_caller=1, max_amq_callee=1, pdu_length=self.pdu_request
         )
@@ -266,7 +253,7 @@ class Link:
             async with asyncio.timeout(self.timeout):
                 await conn.send_data(request)
                 pdu = await conn.receive_data()
-                raise_lost_cancel()
+                raise_if_cancelling()
         except (TimeoutError, S7TimeoutError):
             await self.close()
             raise LinkTimeout(f"no reply from {self.peer} within {self.timeout:g}s") from None

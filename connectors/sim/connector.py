@@ -22,6 +22,7 @@ from plantbus.broker.configtypes import Duration, StrictModel
 from plantbus.broker.connector import BuildContext, DeviceConfig, Emit
 from plantbus.broker.ids import new_ids
 from plantbus.broker.record import Record, Series
+from plantbus.broker.schedule import FixedRate
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.sim.signals import Counter, Ramp, RandomWalk, Signal, Sine, Step
 
@@ -247,8 +248,15 @@ class SimConnector:
         self._last_ns = 0
         self.ticks = 0
         self.emitted = 0
-        self.overruns = 0
-        self.missed = 0
+        self._ticks = FixedRate(self.interval, clock)
+
+    @property
+    def overruns(self) -> int:
+        return self._ticks.overruns
+
+    @property
+    def missed(self) -> int:
+        return self._ticks.missed
 
     def read(self) -> list[Record]:
         """One tick's records: ``batch`` records, timestamps strictly increasing.
@@ -276,32 +284,14 @@ class SimConnector:
         fully passed are skipped (``missed``) and the next runs at once. An interval of 0
         runs as fast as the consumers allow, yielding to the event loop after each tick.
         """
-        if self.interval <= 0:
-            while True:
-                records = self.read()
-                await emit(records)
-                self.ticks += 1
-                self.emitted += len(records)
-                await self._sleep(0)
-        interval, clock = self.interval, self._clock
-        start = clock()
-        k = 0
+        ticks = self._ticks
+        ticks.restart()
         while True:
             records = self.read()
             await emit(records)
             self.ticks += 1
             self.emitted += len(records)
-            k += 1
-            now = clock()
-            late = now - (start + k * interval)
-            if late > 0:
-                self.overruns += 1
-                skip = int(late // interval)
-                self.missed += skip
-                k += skip
-                await self._sleep(0)  # let the rest of the loop run even when behind
-            else:
-                await self._sleep(-late)
+            await self._sleep(ticks.next_pause() or 0)  # overdue: yield, then at once
 
 
 def build(config: Config, ctx: BuildContext) -> SimConnector:

@@ -1,5 +1,5 @@
-"""Small pieces of the opcua connector that need no server: the schedule, the split of the
-points over sessions, and the guard against cancellations that Python 3.11 loses."""
+"""Small pieces of the opcua connector that need no server: the split of the points over
+sessions, and the guard against cancellations that Python 3.11 loses."""
 
 from __future__ import annotations
 
@@ -7,19 +7,8 @@ import asyncio
 
 import pytest
 
-from plantbus.connectors.opcua.connector import (
-    OpcUaConnector,
-    _schedule_sleep,
-    _stop_if_cancelled,
-)
-
-
-def test_the_schedule_stays_on_its_grid() -> None:
-    # on time: sleep until the tick is due
-    assert _schedule_sleep(0.1, 100.0, 3, 100.25) == (3, pytest.approx(0.05), False, 0)
-    # late by 2.5 ticks: an overrun, two ticks skipped, the next one at once
-    k, pause, overran, skipped = _schedule_sleep(0.1, 100.0, 3, 100.55)
-    assert (k, pause, overran, skipped) == (5, 0.0, True, 2)
+from plantbus.broker.cancel import raise_if_cancelling
+from plantbus.connectors.opcua.connector import OpcUaConnector
 
 
 def test_points_are_split_evenly_over_the_sessions() -> None:
@@ -34,7 +23,7 @@ async def test_a_cancellation_that_wait_for_swallowed_still_stops_the_loop() -> 
     async def device_loop() -> None:
         me = asyncio.current_task()
         while True:
-            _stop_if_cancelled(me)
+            raise_if_cancelling(me)
             # the shape of every asyncua request: wait_for around an awaitable
             await asyncio.wait_for(queue.get(), 10)
             seen.append("a value")
