@@ -7,6 +7,8 @@ encoding, buffering, retries and metrics.
 
 from __future__ import annotations
 
+import email.utils
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -56,6 +58,25 @@ class RetryableSinkError(Exception):
     def __init__(self, message: str, *, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from an HTTP ``Retry-After`` header (delta-seconds or an HTTP date).
+
+    None when there is none or it cannot be read; a date in the past is 0.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class MisconfiguredSinkError(RetryableSinkError):

@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import gzip as gzip_module
 import json
 import logging
 import re
 import ssl
-import time
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -81,6 +79,7 @@ from plantbus.broker.sinks.base import (
     PermanentSinkError,
     RetryableSinkError,
     SinkConfig,
+    retry_after_seconds,
 )
 from plantbus.broker.sinks.deadletter import DeadLetterFile
 from plantbus.broker.units import parse_duration
@@ -462,22 +461,6 @@ def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 def _ident(name: str) -> str:
     """An InfluxQL double-quoted identifier."""
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _error_message(text: str, limit: int | None = _ERROR_TEXT_LIMIT) -> str:
@@ -1104,7 +1087,7 @@ class InfluxDBSink:
             )
         if status in (429, 503) or status >= 500:
             return RetryableSinkError(
-                f"{what}: {message}", retry_after=_retry_after(headers.get("Retry-After"))
+                f"{what}: {message}", retry_after=retry_after_seconds(headers.get("Retry-After"))
             )
         return PermanentSinkError(f"{what}: {message}")
 

@@ -43,7 +43,6 @@ each request (the outlet's write timeout).
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import time
@@ -62,6 +61,7 @@ from plantbus.broker.sinks.base import (
     PermanentSinkError,
     RetryableSinkError,
     SinkConfig,
+    retry_after_seconds,
 )
 from plantbus.broker.sinks.breaker import CircuitBreaker
 from plantbus.broker.sinks.bridge import ssl_context
@@ -256,7 +256,7 @@ class PuntSink:
                 headers={"Content-Type": "application/json"},
             ) as resp:
                 status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
                 body = await _read_limited(resp, self.config.max_answer_bytes)
         except PermanentSinkError:
             self.breaker.success()  # it answered, too much: up, but not for this batch
@@ -428,22 +428,6 @@ def _preview(body: bytes) -> str:
     if len(text) > ANSWER_PREVIEW:
         return repr(text[:ANSWER_PREVIEW]) + f" … ({len(text)} characters)"
     return repr(text)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _describe(error: BaseException) -> str:
