@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 from plantbus.broker.sinks.base import EncodedBatch
 
-__all__ = ["Buffer", "MemoryBuffer", "WhenFull"]
+__all__ = ["BoundedBuffer", "Buffer", "MemoryBuffer", "WhenFull"]
 
 WhenFull = Literal["block", "drop_oldest", "drop_newest"]
 _POLICIES = ("block", "drop_oldest", "drop_newest")
+
+
+class _Counted(Protocol):
+    records: int
+
+
+_Item = TypeVar("_Item", bound=_Counted)
 
 
 class Buffer(Protocol):
@@ -96,8 +103,12 @@ class Buffer(Protocol):
         ...
 
 
-class MemoryBuffer:
-    """A byte-bounded in-memory queue of encoded batches with in-flight tracking.
+class BoundedBuffer(Generic[_Item]):
+    """What both buffers share: the byte bound, ``when_full`` and the counters.
+
+    Subclasses hold ``_items`` (oldest first; the first ``_sent`` of them in flight) and
+    provide ``_push`` (hold a batch that fits), ``_size`` (the bytes an item counts for)
+    and, for ``drop_oldest``, ``_evicted`` (after items were dropped to make room).
 
     Args:
         max_size: bound in bytes of the payloads held (in flight included).
@@ -105,7 +116,7 @@ class MemoryBuffer:
         name: for logs and metrics.
     """
 
-    def __init__(self, max_size: int, when_full: WhenFull = "drop_oldest", *, name: str = ""):
+    def __init__(self, max_size: int, when_full: WhenFull, name: str):
         if max_size < 1:
             raise ValueError("buffer max_size must be at least 1 byte")
         if when_full not in _POLICIES:
@@ -114,9 +125,8 @@ class MemoryBuffer:
         self.max_size = max_size
         self.when_full: WhenFull = when_full
         # every held batch, oldest first; the first ``_sent`` of them are in flight
-        self._items: deque[EncodedBatch] = deque()
+        self._items: deque[_Item] = deque()
         self._sent = 0
-        self._acked: set[int] = set()  # id() of in-flight batches acked out of order
         self._bytes = 0
         self._records = 0
         self._readable = asyncio.Event()
@@ -136,46 +146,29 @@ class MemoryBuffer:
 
     @property
     def bytes(self) -> int:
-        """Payload bytes held, in flight included."""
+        """Payload bytes held (what ``max_size`` bounds), in flight included."""
         return self._bytes
-
-    @property
-    def records(self) -> int:
-        """Records not yet acknowledged (still to deliver), in flight included.
-
-        A batch acknowledged while an older one is still in flight stays held (in ``len``
-        and ``bytes``) until the older one leaves, but its records are delivered: they are
-        not counted here.
-        """
-        return self._records
 
     @property
     def pending(self) -> int:
         """Batches not yet handed out."""
         return len(self._items) - self._sent
 
-    @property
-    def in_flight(self) -> int:
-        """Batches handed out and not yet acknowledged."""
-        return self._sent - len(self._acked)
-
-    @property
-    def undelivered_batches(self) -> int:
-        """Batches not yet acknowledged: pending and in flight."""
-        return len(self._items) - len(self._acked)
-
     def _fits(self, size: int) -> bool:
         return not self._items or self._bytes + size <= self.max_size
 
     # -- producer side -----------------------------------------------------------------------
 
-    def _push(self, batch: EncodedBatch) -> None:
-        self._items.append(batch)
-        self._bytes += len(batch.payload)
-        self._records += batch.records
-        self._readable.set()
+    async def _push(self, batch: EncodedBatch) -> None:
+        raise NotImplementedError
 
-    def _drop(self, batch: EncodedBatch) -> None:
+    def _size(self, item: _Item) -> int:
+        raise NotImplementedError
+
+    def _evicted(self, items: list[_Item]) -> None:
+        """Items ``drop_oldest`` took out to make room (already uncounted)."""
+
+    def _drop(self, batch: EncodedBatch | _Item) -> None:
         self.dropped_records += batch.records
         self.dropped_batches += 1
 
@@ -195,20 +188,24 @@ class MemoryBuffer:
             self._drop(batch)
             return False
         if self._fits(size):
-            self._push(batch)
+            await self._push(batch)
             return True
         if self.when_full == "drop_newest":
             self._drop(batch)
             return False
         if self.when_full == "drop_oldest":
             # the oldest batches not in flight go first; in-flight ones stay (see module doc)
+            evicted: list[_Item] = []
             while self._bytes + size > self.max_size and len(self._items) > self._sent:
                 old = self._items[self._sent]
                 del self._items[self._sent]
-                self._bytes -= len(old.payload)
+                self._bytes -= self._size(old)
                 self._records -= old.records
                 self._drop(old)
-            self._push(batch)
+                evicted.append(old)
+            if evicted:
+                self._evicted(evicted)
+            await self._push(batch)
             return True
         self.blocked += 1
         while not self._fits(size):
@@ -220,13 +217,61 @@ class MemoryBuffer:
         if self.closed:
             self._drop(batch)
             return False
-        self._push(batch)
+        await self._push(batch)
         return True
 
     def seal(self) -> None:
+        """No more appends: ``get()`` returns ``None`` once everything was handed out."""
         if not self.sealed:
             self.sealed = True
             self._readable.set()
+
+
+class MemoryBuffer(BoundedBuffer[EncodedBatch]):
+    """A byte-bounded in-memory queue of encoded batches with in-flight tracking.
+
+    Args:
+        max_size: bound in bytes of the payloads held (in flight included).
+        when_full: ``block``, ``drop_oldest`` or ``drop_newest``.
+        name: for logs and metrics.
+    """
+
+    def __init__(self, max_size: int, when_full: WhenFull = "drop_oldest", *, name: str = ""):
+        super().__init__(max_size, when_full, name)
+        self._acked: set[int] = set()  # id() of in-flight batches acked out of order
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def records(self) -> int:
+        """Records not yet acknowledged (still to deliver), in flight included.
+
+        A batch acknowledged while an older one is still in flight stays held (in ``len``
+        and ``bytes``) until the older one leaves, but its records are delivered: they are
+        not counted here.
+        """
+        return self._records
+
+    @property
+    def in_flight(self) -> int:
+        """Batches handed out and not yet acknowledged."""
+        return self._sent - len(self._acked)
+
+    @property
+    def undelivered_batches(self) -> int:
+        """Batches not yet acknowledged: pending and in flight."""
+        return len(self._items) - len(self._acked)
+
+    # -- producer side -----------------------------------------------------------------------
+
+    async def _push(self, batch: EncodedBatch) -> None:
+        self._items.append(batch)
+        self._bytes += len(batch.payload)
+        self._records += batch.records
+        self._readable.set()
+
+    def _size(self, item: EncodedBatch) -> int:
+        return len(item.payload)
 
     # -- consumer side -----------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ import zlib
 from collections import deque
 from pathlib import Path
 
-from plantbus.broker.buffer import WhenFull
+from plantbus.broker.buffer import BoundedBuffer, WhenFull
 from plantbus.broker.sinks.base import EncodedBatch
 
 __all__ = ["RECORD_HEADER_SIZE", "DiskBuffer"]
@@ -87,7 +87,6 @@ _LOCK = "lock"  # flock'd by the open buffer; holds its pid
 _SYNCED = "synced"  # what the last group commit made durable (diagnostics, never read back)
 _SYNCED_SIZE = 100  # fixed length: an overwrite in place never leaves a longer old tail
 _ACK_LOG_MAX = 64 * 1024  # compact the ack log past this size
-_POLICIES = ("block", "drop_oldest", "drop_newest")
 _ORDINAL_LIMIT = 1 << 63  # ordinals count appends from 0: an ack log line beyond is damage
 
 
@@ -240,7 +239,7 @@ def _lock_folder(path: Path) -> int:
     return fd
 
 
-class DiskBuffer:
+class DiskBuffer(BoundedBuffer[_Entry]):
     """A byte-bounded buffer of encoded batches in append-only segment files.
 
     Opening it recovers what an earlier instance left in ``path`` (see the module doc):
@@ -278,36 +277,20 @@ class DiskBuffer:
         name: str = "",
         segment_size: int = 64 * 1024 * 1024,
     ):
-        if max_size < 1:
-            raise ValueError("buffer max_size must be at least 1 byte")
-        if when_full not in _POLICIES:
-            raise ValueError(f"unknown when_full policy {when_full!r} (use {', '.join(_POLICIES)})")
+        super().__init__(max_size, when_full, name)
         if sync_interval < 0:
             raise ValueError("buffer sync_interval cannot be negative")
         if segment_size < 1:
             raise ValueError("buffer segment_size must be at least 1 byte")
         self.path = Path(path)
-        self.name = name
-        self.max_size = max_size
-        self.when_full: WhenFull = when_full
         self.sync_interval = sync_interval
         self.segment_size = segment_size
-        self.sealed = False
-        self.closed = False
-        self.dropped_records = 0
-        self.dropped_batches = 0
-        self.blocked = 0
         self.corrupt_records = 0
         self.corrupt_bytes = 0
         self.missing_segments = 0
         self.empty_segments = 0
-        # every held batch, oldest first; the first ``_sent`` of them are in flight
-        self._items: deque[_Entry] = deque()
-        self._sent = 0
         self._acked = 0  # in-flight entries acked out of order (still held)
         self._by_id: dict[int, _Entry] = {}
-        self._bytes = 0
-        self._records = 0
         self._files: dict[int, io.FileIO] = {}  # open segments that hold a live batch
         self._live: dict[int, int] = {}  # segment number -> batches held in it
         self._active: int | None = None  # the segment appends go to
@@ -317,9 +300,6 @@ class DiskBuffer:
         self._dead: set[int] = set()  # ordinals >= _acked_below that are gone
         self._dead_starts: list[int] = []  # while recovering: the ack log's "r" ranges, merged
         self._dead_ends: list[int] = []
-        self._readable = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
         self._sync_task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
         self._unsynced_fds: list[int] = []  # dups of rolled-over segments not fsynced yet
@@ -520,15 +500,6 @@ class DiskBuffer:
 
     # -- state -------------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        """Batches held, in flight included."""
-        return len(self._items)
-
-    @property
-    def bytes(self) -> int:
-        """Payload bytes held (what ``max_size`` bounds), in flight included."""
-        return self._bytes
-
     @property
     def disk_bytes(self) -> int:
         """Bytes of the segment files (framing and not yet deletable batches included)."""
@@ -540,11 +511,6 @@ class DiskBuffer:
         return self._records
 
     @property
-    def pending(self) -> int:
-        """Batches not yet handed out."""
-        return len(self._items) - self._sent
-
-    @property
     def in_flight(self) -> int:
         """Batches handed out and not yet acknowledged."""
         return self._sent - self._acked
@@ -553,9 +519,6 @@ class DiskBuffer:
     def undelivered_batches(self) -> int:
         """Batches not yet acknowledged: pending and in flight."""
         return len(self._items) - self._acked
-
-    def _fits(self, size: int) -> bool:
-        return not self._items or self._bytes + size <= self.max_size
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -741,67 +704,17 @@ class DiskBuffer:
                 self._sync_loop(), name=f"diskbuffer-sync-{self.name}"
             )
 
-    def _drop(self, batch: EncodedBatch | _Entry) -> None:
-        self.dropped_records += batch.records
-        self.dropped_batches += 1
+    def _size(self, item: _Entry) -> int:
+        return item.length
 
-    async def append(self, batch: EncodedBatch) -> bool:
-        """Write ``batch`` at the tail, applying ``when_full`` if it does not fit.
-
-        Returns:
-            ``True`` if the batch is now held, ``False`` if it was refused (and counted).
-
-        Raises:
-            RuntimeError: after ``seal()`` (a bug in the caller).
-        """
-        if self.sealed and not self.closed:
-            raise RuntimeError(f"buffer {self.name!r} is sealed: no more appends")
-        size = len(batch.payload)
-        if self.closed:
-            self._drop(batch)
-            return False
-        if self._fits(size):
-            await self._push(batch)
-            return True
-        if self.when_full == "drop_newest":
-            self._drop(batch)
-            return False
-        if self.when_full == "drop_oldest":
-            # the oldest batches not in flight go first; in-flight ones stay (as in memory)
-            dropped: list[int] = []
-            while self._bytes + size > self.max_size and len(self._items) > self._sent:
-                old = self._items[self._sent]
-                del self._items[self._sent]
-                self._bytes -= old.length
-                self._records -= old.records
-                self._dead.add(old.n)
-                self._drop(old)
-                dropped.append(old)
-            if dropped:
-                # a drop is persisted like an ack (it never replays), before any segment
-                # goes: a crash in between must not look like a missing segment
-                self._write_acks([e.n for e in dropped])
-                for e in dropped:
-                    self._release(e)
-            await self._push(batch)
-            return True
-        self.blocked += 1
-        while not self._fits(size):
-            if self.closed:
-                self._drop(batch)
-                return False
-            self._room.clear()
-            await self._room.wait()
-        if self.closed:
-            self._drop(batch)
-            return False
-        await self._push(batch)
-        return True
-
-    def seal(self) -> None:
-        if not self.sealed:
-            self.sealed = True
-            self._readable.set()
+    def _evicted(self, items: list[_Entry]) -> None:
+        for e in items:
+            self._dead.add(e.n)
+        # a drop is persisted like an ack (it never replays), before any segment goes: a
+        # crash in between must not look like a missing segment
+        self._write_acks([e.n for e in items])
+        for e in items:
+            self._release(e)
 
     # -- consumer side -----------------------------------------------------------------------
 
