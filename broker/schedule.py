@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-__all__ = ["FixedRate"]
+__all__ = ["FixedRate", "PolledCounters"]
 
 
 class FixedRate:
@@ -59,3 +59,19 @@ class FixedRate:
         self.missed += skip
         self._k += skip
         return None
+
+
+class PolledCounters:
+    """``overruns`` and ``missed`` of a device polled on its ``_ticks`` schedule."""
+
+    _ticks: FixedRate
+
+    @property
+    def overruns(self) -> int:
+        """Polls that ended after the next one was due."""
+        return self._ticks.overruns
+
+    @property
+    def missed(self) -> int:
+        """Polls skipped because of overruns."""
+        return self._ticks.missed

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from plantbus.broker.connector import BuildContext, Emit, WritePoint, WriteResult
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import FieldValue, Quality, Record, Series
-from plantbus.broker.schedule import FixedRate
+from plantbus.broker.schedule import FixedRate, PolledCounters
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.modbus.codec import EncodeError, Point, encode_registers, resolve_points
 from plantbus.connectors.modbus.config import Config
@@ -62,7 +62,7 @@ class DeviceSilent(Exception):
     """The unit answered none of the last ``SILENT_POLLS`` polls."""
 
 
-class ModbusConnector:
+class ModbusConnector(PolledCounters):
     """One Modbus unit, polled on a fixed-rate schedule.
 
     State that must survive a restart by the supervisor (the plan, the counters, the last
@@ -326,14 +326,6 @@ class ModbusConnector:
                         f"{SILENT_POLLS} polls"
                     )
                 await self._sleep(ticks.next_pause() or 0)  # overdue: yield, then at once
-
-    @property
-    def overruns(self) -> int:
-        return self._ticks.overruns
-
-    @property
-    def missed(self) -> int:
-        return self._ticks.missed
 
 
 def build(config: Config, ctx: BuildContext) -> ModbusConnector:

@@ -40,7 +40,7 @@ from plantbus.broker.cancel import raise_if_cancelling
 from plantbus.broker.connector import BuildContext, Emit, WritePoint, WriteResult
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import FieldValue, Record, Series
-from plantbus.broker.schedule import FixedRate
+from plantbus.broker.schedule import FixedRate, PolledCounters
 from plantbus.broker.supervisor import describe_error
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.opcua import session
@@ -202,7 +202,7 @@ class _Subscriber:
             raise TimeoutError(f"no publish response (data or keep-alive) for {self.silence:.1f}s")
 
 
-class OpcUaConnector:
+class OpcUaConnector(PolledCounters):
     """Reads the configured points of one OPC UA server (see the module doc).
 
     Attributes:
@@ -269,14 +269,6 @@ class OpcUaConnector:
         self._ticks = FixedRate(self.interval, self._clock)
         self.publishing_interval: float | None = None  # seconds, as the server revised it
         session.quiet_library_logs()
-
-    @property
-    def overruns(self) -> int:
-        return self._ticks.overruns
-
-    @property
-    def missed(self) -> int:
-        return self._ticks.missed
 
     @staticmethod
     def _slices(n: int, parts: int) -> list[range]:

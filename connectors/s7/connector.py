@@ -44,7 +44,7 @@ from plantbus.broker.connector import (
 )
 from plantbus.broker.ids import new_id
 from plantbus.broker.record import FieldValue, Quality, Record, Series
-from plantbus.broker.schedule import FixedRate
+from plantbus.broker.schedule import FixedRate, PolledCounters
 from plantbus.broker.topics import validate_topic
 from plantbus.codecs.line_protocol import check_name
 from plantbus.connectors.s7.address import AREA_CODES, Address, parse_address, parse_type
@@ -245,7 +245,7 @@ class Config(DeviceConfig):
         return self.local_tsap, CONNECTION_TYPES[self.connection_type] << 8 | rack << 5 | slot
 
 
-class S7Connector:
+class S7Connector(PolledCounters):
     """Polls one PLC on a fixed-rate schedule and emits one record per poll.
 
     State that outlives a restart by the supervisor (counters, the isolated points, the
@@ -641,14 +641,6 @@ class S7Connector:
                 raise fault
             raise_if_cancelling()  # a drain must stop the device even when it polls flat out
             await self._sleep(ticks.next_pause() or 0)  # overdue: yield, then at once
-
-    @property
-    def overruns(self) -> int:
-        return self._ticks.overruns
-
-    @property
-    def missed(self) -> int:
-        return self._ticks.missed
 
     def metrics(self) -> dict[str, Any]:
         """Counters for tests, logs and the bench."""

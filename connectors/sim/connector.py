@@ -22,7 +22,7 @@ from plantbus.broker.configtypes import Duration, StrictModel
 from plantbus.broker.connector import BuildContext, DeviceConfig, Emit
 from plantbus.broker.ids import new_ids
 from plantbus.broker.record import Record, Series
-from plantbus.broker.schedule import FixedRate
+from plantbus.broker.schedule import FixedRate, PolledCounters
 from plantbus.broker.topics import validate_topic
 from plantbus.connectors.sim.signals import Counter, Ramp, RandomWalk, Signal, Sine, Step
 
@@ -190,7 +190,7 @@ def _fields_maker(names: tuple[str, ...]) -> Callable[..., dict[str, object]]:
     return eval(f"lambda {params}: {{{items}}}", {})  # type: ignore[no-any-return]
 
 
-class SimConnector:
+class SimConnector(PolledCounters):
     """Generates the configured points on a fixed-rate schedule and emits them.
 
     State that must survive a restart by the supervisor (counters, random-walk positions,
@@ -249,14 +249,6 @@ class SimConnector:
         self.ticks = 0
         self.emitted = 0
         self._ticks = FixedRate(self.interval, clock)
-
-    @property
-    def overruns(self) -> int:
-        return self._ticks.overruns
-
-    @property
-    def missed(self) -> int:
-        return self._ticks.missed
 
     def read(self) -> list[Record]:
         """One tick's records: ``batch`` records, timestamps strictly increasing.

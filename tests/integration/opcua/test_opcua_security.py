@@ -4,6 +4,8 @@ generated here: every policy and mode, the trust check of the server certificate
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,12 +187,19 @@ async def test_no_security_is_refused_by_a_secure_only_server(secure_server: UaS
     assert out.records[0].fields == {}
 
 
+def _plantbus(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "plantbus.broker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
 def test_discover_over_a_secure_channel_writes_the_security_table(
     secure_server: UaServer, pki: Pki, tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
-
     secret = tmp_path / "ua-password"
     secret.write_text("s3cret\n")
     args = [
@@ -200,13 +209,7 @@ def test_discover_over_a_secure_channel_writes_the_security_table(
         "--certificate", str(pki.client_cert), "--private-key", str(pki.client_key),
         "--trust", str(pki.server_cert),
     ]  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "-m", "plantbus.broker.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    out = _plantbus(tmp_path, *args)
     assert out.returncode == 0, out.stderr
     assert (
         f'security = {{ policy = "Aes128_Sha256_RsaOaep", mode = "Sign", '
@@ -217,32 +220,14 @@ def test_discover_over_a_secure_channel_writes_the_security_table(
     assert "s3cret" not in out.stdout
     # and an untrusted server is refused here too
     untrusted = [*args[:-1], str(pki.other_cert)]
-    out = subprocess.run(
-        [sys.executable, "-m", "plantbus.broker.cli", *untrusted],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    out = _plantbus(tmp_path, *untrusted)
     assert out.returncode == 1
     assert "UntrustedCertificate: server certificate CN=ua-server" in out.stderr
     # the password really comes from the file: a wrong one is refused by the server
     secret.write_text("wrong\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "plantbus.broker.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    out = _plantbus(tmp_path, *args)
     assert out.returncode == 1 and "cannot connect to" in out.stderr, out.stderr
     assert "wrong" not in out.stderr
-    both = subprocess.run(
-        [sys.executable, "-m", "plantbus.broker.cli", *args, "--password", "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    both = _plantbus(tmp_path, *args, "--password", "x")
     assert both.returncode == 2
     assert "--password: not allowed with argument --password-file" in both.stderr
